@@ -1,0 +1,47 @@
+"""Errors that edgec reports to users as one line, without a traceback.
+
+Library code raises :class:`EdgecError` (or a subclass) for anything that is the user's
+mistake or an environment problem the user can fix: a missing file, a bad shape, an unknown
+pass.  The CLI prints ``error: <message>`` followed by ``hint: <hint>`` and exits non-zero.
+Bugs in edgec itself are any other exception and keep their traceback.
+"""
+
+from __future__ import annotations
+
+
+class EdgecError(Exception):
+    """A user-facing error: ``message`` says what is wrong, ``hint`` what to do about it."""
+
+    exit_code: int = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} ({self.hint})"
+        return self.message
+
+
+class InputError(EdgecError):
+    """Bad input given by the user: a missing or malformed file, a wrong shape or name."""
+
+
+class ModelLoadError(InputError):
+    """A model could not be loaded or built (not ONNX, too large, a factory that raised)."""
+
+
+class UnknownNameError(InputError):
+    """A name (pass, model, target) that is not registered."""
+
+
+class EquivalenceError(EdgecError):
+    """A transformed model's outputs differ from the reference beyond the tolerance."""
+
+    exit_code = 3
+
+
+class ToolMissingError(EdgecError):
+    """An external tool (cross compiler, qemu) is missing; the hint names the package."""

@@ -5,22 +5,27 @@ A pass is a small class.  Its :meth:`~onnx_ir.passes.PassBase.call` takes an
 :class:`PassStats` (patterns matched, nodes removed, and for every near-miss the reason it was
 rejected).  ``requires``/``ensures`` are onnx-ir's pre/post-condition hooks.
 
-Example of a user-defined pass (run it with ``edgec optimize in.onnx -o out.onnx --passes my.py:DropNeg``)::
+Example of a user-defined pass (``edgec optimize in.onnx -o out.onnx --passes my_passes.py:RemoveDoubleNeg,dce``)::
 
     import onnx_ir as ir
-    from edgec.passes_api import Pass, PassStats
+    from edgec.passes_api import Pass, PassStats, register_pass
 
-    class DropNeg(Pass):
-        name = "drop-double-neg"
-        summary = "remove Neg(Neg(x))"
+    @register_pass
+    class RemoveDoubleNeg(Pass):
+        name = "remove-double-neg"
+        summary = "Neg(Neg(x)) -> x"
 
         def call(self, model: ir.Model):
             stats = PassStats()
             for node in list(model.graph):
-                prev = node.inputs[0].producer() if node.op_type == "Neg" else None
-                if prev is None or prev.op_type != "Neg":
+                x = node.inputs[0] if node.op_type == "Neg" else None
+                inner = x.producer() if x is not None else None
+                if inner is None or inner.op_type != "Neg":
                     continue
-                ir.convenience.replace_all_uses_with(node.outputs[0], prev.inputs[0])
+                if node.outputs[0].is_graph_output():
+                    stats.reject("neg-neg", node.name, "output is a graph output")
+                    continue
+                node.outputs[0].replace_all_uses_with(inner.inputs[0])
                 stats.count("neg-neg")
             return self.result(model, stats)
 

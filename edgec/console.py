@@ -54,6 +54,7 @@ def human_bytes(n: float) -> str:
 
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()  # a buffered wrapper (click's CliRunner) would otherwise drop it
 
 
 def info(msg: str) -> None:

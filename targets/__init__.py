@@ -166,6 +166,8 @@ class TargetRegistry:
         for info in pkgutil.iter_modules(pkg.__path__):
             if not info.name.startswith("_"):
                 importlib.import_module(f"edgec.targets.{info.name}")
+        for name, entry in _BUILTINS.items():
+            self._entries.setdefault(name, entry)
         for ep in importlib.metadata.entry_points(group=self.ENTRY_POINT_GROUP):
             try:
                 factory = ep.load()
@@ -211,10 +213,18 @@ class TargetRegistry:
 #: The process-wide target registry.
 registry = TargetRegistry()
 
+#: Targets defined by the modules of this package (every registry starts with them).
+_BUILTINS: dict[str, _Entry] = {}
+
 
 def register_target(name: str, summary: str) -> Callable[[TargetFactory], TargetFactory]:
-    """Decorator registering a target factory under ``name`` in :data:`registry`."""
-    return registry.register(name, summary)
+    """Decorator registering a built-in target factory under ``name``."""
+
+    def deco(factory: TargetFactory) -> TargetFactory:
+        _BUILTINS[name] = _Entry(name, summary, factory)
+        return factory
+
+    return deco
 
 
 def get_target(name: str, options: TargetOptions = TargetOptions()) -> Target:

@@ -266,7 +266,9 @@ def _worker(artifact: Artifact, remote: Remote | None, cfg: BenchConfig, state: 
     # 2. outputs vs onnxruntime on this host
     if cfg.check_outputs:
         emit(BenchEvent("check", 0, 1))
-        got = flatten_outputs(vm["main"](*args))
+        vm.set_input("main", *args)
+        vm.invoke_stateful("main")
+        got = flatten_outputs(vm.get_outputs("main"))  # element by element: works over RPC too
         proto = _load(artifact.model)
         ort_sess = vfy.session(proto)
         ref = ort_sess.run(None, feeds)
@@ -325,9 +327,15 @@ def run_bench(
     def target() -> None:
         try:
             _worker(art, remote, config, state, emit)
-        except BaseException as exc:  # handed to the watching thread
-            state.error = exc
+        except BaseException as exc:  # handed to the watching thread, without the frames
+            state.error = exc.with_traceback(None)  # (they hold the remote session open)
         finally:
+            # Drop the last references to the RPC session: closing it frees the board, which
+            # then registers with its tracker again.
+            state.connection = None
+            import gc
+
+            gc.collect()
             state.done = True
 
     thread = threading.Thread(target=target, name="edgec-bench", daemon=True)
@@ -363,8 +371,9 @@ def run_bench(
         )
 
     if stalled is not None:
-        if state.connection is not None:
-            state.connection.abort()  # unblocks the worker waiting on the silent server
+        conn = state.connection
+        if conn is not None:
+            conn.abort()  # unblocks the worker waiting on the silent server
             thread.join(5.0)
         msg = f"no progress for {config.stall_timeout_s:g} s during {stalled} on {where}"
         raise BenchError(

@@ -25,6 +25,7 @@ memory is planned by :mod:`edgec.memory` in graph (topological) order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -211,7 +212,7 @@ def infer_shapes(model: ir.Model | onnx.ModelProto,
         raise InputError(f"ONNX shape inference failed: {exc}", "check the model with onnx.checker") from None
 
 
-def _value_types(proto: onnx.ModelProto) -> dict[str, tuple[Shape | None, int]]:
+def value_types(proto: onnx.ModelProto) -> dict[str, tuple[Shape | None, int]]:
     found: dict[str, tuple[Shape | None, int]] = {}
     for vi in list(proto.graph.input) + list(proto.graph.value_info) + list(proto.graph.output):
         tt = vi.type.tensor_type
@@ -230,6 +231,7 @@ def _value_types(proto: onnx.ModelProto) -> dict[str, tuple[Shape | None, int]]:
     return found
 
 
+@functools.lru_cache(maxsize=64)
 def _itemsize(elem_type: int) -> int:
     try:
         return int(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
@@ -237,6 +239,7 @@ def _itemsize(elem_type: int) -> int:
         return 4
 
 
+@functools.lru_cache(maxsize=64)
 def _dtype_name(elem_type: int) -> str:
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
@@ -248,10 +251,18 @@ def attributes(node: onnx.NodeProto) -> dict[str, object]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def analyze_proto(proto: onnx.ModelProto) -> ModelAnalysis:
+def _depthwise_channels(node: onnx.NodeProto, in_shapes: Sequence[Shape | None], out_shapes: Sequence[Shape | None]) -> int:
+    if node.op_type != "Conv" or len(in_shapes) < 2 or in_shapes[0] is None or out_shapes[0] is None:
+        return 0
+    group = int(attributes(node).get("group", 1))  # type: ignore[call-overload]
+    c_in, c_out = in_shapes[0][1], out_shapes[0][1]
+    return int(c_in) if group == c_in == c_out and group > 1 else 0
+
+
+def analyze_proto(proto: onnx.ModelProto, planner: memory.PlannerOptions = memory.PlannerOptions()) -> ModelAnalysis:
     """:func:`analyze` on a model whose shapes are already inferred (no copy, no inference)."""
     graph = proto.graph
-    types = _value_types(proto)
+    types = value_types(proto)
     inits = {i.name for i in graph.initializer}
     graph_inputs = tuple(vi.name for vi in graph.input if vi.name not in inits)
     graph_outputs = tuple(vi.name for vi in graph.output)
@@ -292,7 +303,7 @@ def analyze_proto(proto: onnx.ModelProto) -> ModelAnalysis:
         if not is_const:
             steps.append(memory.Step(node.name or f"{node.op_type}_{idx}", node.op_type,
                                      tuple(i for i in node.input if i and i not in constant),
-                                     tuple(o for o in node.output if o)))
+                                     tuple(o for o in node.output if o), _depthwise_channels(node, in_shapes, out_shapes)))
     for name in constant:
         record(name, "weight")
     missing = [t.name for t in tensors.values() if t.kind != "weight" and t.shape is None]
@@ -320,11 +331,12 @@ def analyze_proto(proto: onnx.ModelProto) -> ModelAnalysis:
         param_bytes=param_bytes,
         macs=sum(n.macs for n in nodes),
         schedule=schedule,
-        memory_fp32=memory.plan_memory(schedule, 4),
-        memory_int8=memory.plan_memory(schedule, 1),
+        memory_fp32=memory.plan_memory(schedule, 4, planner),
+        memory_int8=memory.plan_memory(schedule, 1, planner),
     )
 
 
-def analyze(model: ir.Model | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ModelAnalysis:
+def analyze(model: ir.Model | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None,
+            planner: memory.PlannerOptions = memory.PlannerOptions()) -> ModelAnalysis:
     """Analyze ``model`` (see the module docstring for the conventions)."""
-    return analyze_proto(infer_shapes(model, input_shapes))
+    return analyze_proto(infer_shapes(model, input_shapes), planner)

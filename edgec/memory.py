@@ -24,6 +24,16 @@ its inputs are written directly into their slices of the output (as MCUNetV2's r
 patch's output into the assembled feature map).  The buffer lives from the first input's
 producer to the output's last use; the inputs take no memory of their own.
 
+Elementwise in place (``inplace_elementwise``, on by default).  A single-input elementwise node
+(``Relu``, ``Clip``, ``BatchNormalization``, ``Add`` of a constant, ...) whose input is read by
+nothing else writes its output over its input, as fused conv+activation kernels do (TVM, TFLite
+Micro, MCUNet); the two tensors share one buffer.
+
+In-place depthwise (``inplace_depthwise``, off by default; MCUNet's TinyEngine): a depthwise
+convolution whose input is read by nothing else computes one channel at a time into a scratch
+buffer of one output channel and copies it over the input's channel, so its output shares the
+input's buffer and only ``bytes(Y) / C`` extra bytes are live during the step.
+
 Arena allocator.  Buffers are placed in an arena at byte offsets, in execution order: at step ``i``
 buffers whose lifetime ended before ``i`` are freed, then the buffers starting at ``i`` (largest
 first) go into the smallest free gap between live buffers that holds them (best fit), else on top
@@ -60,6 +70,7 @@ class Step:
     op_type: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    depthwise_channels: int = 0  # channels of a depthwise Conv (channel multiplier 1), else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +87,24 @@ class Schedule:
             if t.name == name:
                 return t
         raise KeyError(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannerOptions:
+    """Which buffer-sharing rules the planner applies (see the module docstring)."""
+
+    concat_in_place: bool = True
+    inplace_elementwise: bool = True
+    inplace_depthwise: bool = False
+
+    @classmethod
+    def named(cls, name: str) -> PlannerOptions:
+        """``fused`` (default: in-place activations and concat) or ``tinyengine`` (+ in-place depthwise)."""
+        presets = {"fused": cls(), "tinyengine": cls(inplace_depthwise=True),
+                   "plain": cls(concat_in_place=False, inplace_elementwise=False)}
+        if name not in presets:
+            raise ValueError(f"expected one of {', '.join(presets)}")
+        return presets[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +159,16 @@ class MemoryPlan:
         }
 
 
-def _aliases(schedule: Schedule) -> dict[str, str]:
-    """Tensor -> the Concat output whose buffer it is written into (resolved to the root)."""
+#: ops that may write their output over their only activation input (same size, elementwise).
+INPLACE_OPS = frozenset(
+    """Relu Clip Sigmoid Tanh HardSigmoid HardSwish LeakyRelu PRelu Elu Selu Celu Gelu Mish Softplus Neg Abs Exp
+    Log Sqrt Reciprocal Floor Ceil Round Sign Erf Add Sub Mul Div Pow Max Min BatchNormalization Identity Dropout
+    QuantizeLinear DequantizeLinear Cast""".split()
+)
+
+
+def _aliases(schedule: Schedule, sizes: dict[str, int], opts: PlannerOptions) -> dict[str, str]:
+    """Tensor -> the representative of the buffer it shares (union-find over sharing rules)."""
     producer: dict[str, int] = {}
     uses: dict[str, int] = {}
     for i, s in enumerate(schedule.steps):
@@ -139,32 +176,40 @@ def _aliases(schedule: Schedule) -> dict[str, str]:
             producer[t] = i
         for t in s.inputs:
             uses[t] = uses.get(t, 0) + 1
-    outputs = set(schedule.graph_outputs)
+    boundary = set(schedule.graph_outputs) | set(schedule.graph_inputs)
     parent: dict[str, str] = {}
-    for s in schedule.steps:
-        if s.op_type != "Concat" or len(s.outputs) != 1 or not s.inputs:
-            continue
-        ins = s.inputs
-        if len(set(ins)) != len(ins):
-            continue
-        if all(t in producer and uses.get(t) == 1 and t not in outputs and t not in parent for t in ins):
-            for t in ins:
-                parent[t] = s.outputs[0]
 
-    def root(t: str) -> str:
+    def find(t: str) -> str:
         while t in parent:
             t = parent[t]
         return t
 
-    return {t: root(t) for t in parent}
+    for s in schedule.steps:
+        if len(s.outputs) != 1 or not s.inputs:
+            continue
+        out = s.outputs[0]
+        if opts.concat_in_place and s.op_type == "Concat" and len(set(s.inputs)) == len(s.inputs):
+            roots = [find(t) for t in s.inputs]
+            if (out not in boundary and len(set(roots)) == len(roots)
+                    and all(t in producer and uses.get(t) == 1 and t not in boundary for t in s.inputs)):
+                for r in roots:
+                    parent[r] = out
+        elif (((opts.inplace_elementwise and s.op_type in INPLACE_OPS and sizes.get(s.inputs[0]) == sizes.get(out))
+               or (opts.inplace_depthwise and s.depthwise_channels > 0))
+              and len(s.inputs) == 1 and s.inputs[0] in producer
+              and uses.get(s.inputs[0]) == 1 and s.inputs[0] not in boundary
+              and out in sizes):
+            parent[out] = find(s.inputs[0])
+    return {t: find(t) for t in parent}
 
 
-def plan_memory(schedule: Schedule, float_bytes: int | None = None, *, concat_in_place: bool = True) -> MemoryPlan:
+def plan_memory(schedule: Schedule, float_bytes: int | None = None,
+                options: PlannerOptions = PlannerOptions()) -> MemoryPlan:
     """Lifetimes, per-step live bytes, peak and a best-fit arena for ``schedule``."""
     steps = schedule.steps
     n = len(steps)
     sizes = {t.name: t.nbytes(float_bytes) for t in schedule.tensors}
-    alias = _aliases(schedule) if concat_in_place else {}
+    alias = _aliases(schedule, sizes, options)
     start: dict[str, int] = {}
     end: dict[str, int] = {}
     for name in schedule.graph_inputs:
@@ -192,8 +237,13 @@ def plan_memory(schedule: Schedule, float_bytes: int | None = None, *, concat_in
     for root, ts in members.items():
         b_start = min(start[t] for t in ts)
         b_end = max(end[t] for t in ts)
-        buffers.append((root, tuple(sorted(ts, key=lambda x: (x != root, x))), sizes[root], b_start, b_end))
+        buffers.append((root, tuple(sorted(ts, key=lambda x: (x != root, x))), max(sizes[t] for t in ts), b_start, b_end))
 
+    # an in-place depthwise conv needs one output channel of scratch while it runs
+    for i, s in enumerate(steps):
+        if s.depthwise_channels and len(s.outputs) == 1 and alias.get(s.outputs[0], s.outputs[0]) != s.outputs[0]:
+            scratch = sizes.get(s.outputs[0], 0) // s.depthwise_channels
+            buffers.append((f"{s.name}#scratch", (f"{s.name}#scratch",), scratch, i, i))
     live = [0] * n
     for _, _, size, b0, b1 in buffers:
         for i in range(b0, b1 + 1):

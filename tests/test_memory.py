@@ -33,12 +33,14 @@ def test_chain_peak_from_onnx_graph():
                     tensor("w2", rng.standard_normal((2, 4, 1, 1)).astype(np.float32))])
     res = analysis.analyze(m)
     x, a, b, y = 3 * 64, 4 * 64, 4 * 64, 2 * 64
-    live = [x + a, a + b, b + y]
+    live = [x + a, a, b + y]  # the Relu writes over its input (a and b share a buffer)
     assert [s.live_bytes for s in res.memory_fp32.steps] == [4 * v for v in live]
     assert res.memory_fp32.peak_bytes == 4 * max(live)
     assert res.memory_int8.peak_bytes == max(live)
-    assert res.memory_fp32.peak_step == 1
+    assert res.memory_fp32.peak_step == 0
     assert res.memory_fp32.arena_bytes >= res.memory_fp32.peak_bytes
+    plain = memory.plan_memory(res.schedule, 1, memory.PlannerOptions(inplace_elementwise=False))
+    assert [s.live_bytes for s in plain.steps] == [x + a, a + b, b + y]
 
 
 def test_residual_keeps_input_alive():
@@ -53,8 +55,10 @@ def test_residual_keeps_input_alive():
                    [tensor("w", rng.standard_normal((4, 4, 3, 3)).astype(np.float32))])
     t = 4 * 36
     res = analysis.analyze(m)
-    assert [s.live_bytes for s in res.memory_int8.steps] == [2 * t, 3 * t, 3 * t]
+    assert [s.live_bytes for s in res.memory_int8.steps] == [2 * t, 2 * t, 3 * t]
     assert res.memory_int8.peak_bytes == 3 * t
+    plain = memory.plan_memory(res.schedule, 1, memory.PlannerOptions(inplace_elementwise=False))
+    assert [s.live_bytes for s in plain.steps] == [2 * t, 3 * t, 3 * t]
 
 
 def test_concat_in_place_shares_the_output_buffer():
@@ -64,7 +68,7 @@ def test_concat_in_place_shares_the_output_buffer():
     aliased = memory.plan_memory(s, None)
     # c's buffer exists from p's producer on; p and q take no memory of their own
     assert [st.live_bytes for st in aliased.steps] == [4 * v for v in (10 + 10, 10 + 10, 10, 10 + 2)]
-    plain = memory.plan_memory(s, None, concat_in_place=False)
+    plain = memory.plan_memory(s, None, memory.PlannerOptions(concat_in_place=False))
     assert [st.live_bytes for st in plain.steps] == [4 * v for v in (10 + 4, 10 + 4 + 6, 4 + 6 + 10, 10 + 2)]
 
 
@@ -107,3 +111,24 @@ def test_arena_never_overlaps_live_buffers(data):
     assert plan.peak_bytes == max(live)
     assert plan.arena_bytes >= plan.peak_bytes
     assert 0.0 <= plan.fragmentation < 1.0
+
+
+def test_inplace_depthwise_shares_input_and_needs_one_channel_of_scratch():
+    # x -> pointwise a[1,8,10,10] -> depthwise stride 2 (pad 1) b[1,8,5,5] -> pointwise y[1,4,5,5]
+    rng = np.random.default_rng(2)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"]),
+        helper.make_node("Conv", ["a", "w2"], ["b"], group=8, strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["b", "w3"], ["y"]),
+    ]
+    m = make_model(nodes, [("x", (1, 2, 10, 10))], [("y", (1, 4, 5, 5))],
+                   [tensor("w1", rng.standard_normal((8, 2, 1, 1)).astype(np.float32)),
+                    tensor("w2", rng.standard_normal((8, 1, 3, 3)).astype(np.float32)),
+                    tensor("w3", rng.standard_normal((4, 8, 1, 1)).astype(np.float32))])
+    res = analysis.analyze(m)
+    x, a, b, y = 200, 800, 200, 100
+    assert [s.live_bytes for s in res.memory_int8.steps] == [x + a, a + b, b + y]
+    te = memory.plan_memory(res.schedule, 1, memory.PlannerOptions.named("tinyengine"))
+    # b is written over a (one buffer of max(a, b) bytes) plus one channel of b as scratch
+    assert [s.live_bytes for s in te.steps] == [x + a, a + b // 8, a + y]
+    assert te.peak_bytes == x + a

@@ -234,6 +234,18 @@ def _align(branches: list[_Branch], nd: int, dil: tuple[int, ...], x: ir.Value):
     return tuple(K), tuple(Pb), tuple(Pe), offsets
 
 
+def _merged_dilation(convs: list[_Branch]) -> tuple[int, ...] | str:
+    """Per axis, the dilation shared by the branches whose kernel spans that axis (1x1 taps have none)."""
+    nd = len(convs[0].geom.kernel)
+    out = []
+    for a in range(nd):
+        vals = {b.geom.dilations[a] for b in convs if b.geom.kernel[a] > 1}
+        if len(vals) > 1:
+            return f"branches have different dilations on axis {a}: " + " vs ".join(map(str, sorted(vals)))
+        out.append(vals.pop() if vals else 1)
+    return tuple(out)
+
+
 @register_pass
 class Reparameterize(Pass):
     name = "reparam"
@@ -287,7 +299,10 @@ class Reparameterize(Pass):
     @staticmethod
     def _check(branches: list[_Branch], x: ir.Value) -> str | None:
         convs = [b for b in branches if b.kind == "conv"]
-        for attr, what in (("strides", "strides"), ("dilations", "dilations"), ("groups", "groups")):
+        dil = _merged_dilation(convs)
+        if isinstance(dil, str):
+            return dil
+        for attr, what in (("strides", "strides"), ("groups", "groups")):
             vals = {getattr(b.geom, attr) for b in convs}
             if len(vals) > 1:
                 return f"branches have different {what}: " + " vs ".join(map(str, sorted(vals)))
@@ -316,7 +331,8 @@ class Reparameterize(Pass):
         convs = [b for b in branches if b.kind == "conv"]
         g0 = convs[0].geom
         nd = len(g0.kernel)
-        aligned = _align(branches, nd, g0.dilations, x)
+        dil = _merged_dilation(convs)
+        aligned = _align(branches, nd, dil, x)
         if isinstance(aligned, str):
             stats.reject("reparam", node_label(root), aligned)
             return
@@ -339,7 +355,7 @@ class Reparameterize(Pass):
                     B += br.affine.shift
         dtype = convs[0].dtype
         name = f"{node_label(root)}_reparam"
-        conv = make_conv(graph, x, W, B, strides=g0.strides, dilations=g0.dilations, pads=list(Pb) + list(Pe),
+        conv = make_conv(graph, x, W, B, strides=g0.strides, dilations=dil, pads=list(Pb) + list(Pe),
                          groups=groups, name=name, dtype=dtype)
         new_nodes = [conv]
         out = conv.outputs[0]

@@ -519,6 +519,41 @@ def _log_mentions(board: Board, text: str) -> bool:
         return False
 
 
+def _local_addresses() -> set[str]:
+    addrs = {"127.0.0.1", "localhost", "0.0.0.0", "::1", socket.gethostname()}
+    with contextlib.suppress(OSError):
+        addrs.add(socket.gethostbyname(socket.gethostname()))
+    return addrs
+
+
+def find_board(host: str, port: int, key: str | None = None, tracker: bool = False, cache: Path | None = None) -> Board | None:
+    """The running emulated board behind an RPC address, if it is one of this host's.
+
+    Direct (``tracker=False``): a board listening on ``host:port``; through a tracker: a board
+    registered at the tracker ``host:port`` under ``key``.  Never raises.
+    """
+    try:
+        local = _local_addresses()
+        for b in list_boards(BoardPaths.for_arch("arm64", cache)):
+            if tracker:
+                if b.tracker and b.key == key:
+                    th, _, tp = b.tracker.rpartition(":")
+                    if tp == str(port) and (th == host or {th, host} <= local) and b.alive():
+                        return b
+            elif b.port == port and not b.tracker and (b.host == host or (host in local and b.host in local)) and b.alive():
+                return b
+    except Exception:  # a label must never break a measurement
+        return None
+    return None
+
+
+def emulated_label(remote: Any) -> str | None:
+    """``"emulated arm64 cortex-a72 (qemu)"`` when ``remote`` (an :class:`edgec.rpc.Remote`) is a
+    board emulated on this host, else None: latency measured there must say so."""
+    b = find_board(remote.host, remote.port, getattr(remote, "key", None), bool(getattr(remote, "via_tracker", False)))
+    return None if b is None else f"emulated {b.arch} {b.cpu} (qemu user-mode on this host)"
+
+
 def stop(board: Board, timeout_s: float = 10.0) -> bool:
     """Stop a board (its whole process group) and remove its pid file; True if it was running."""
     import psutil

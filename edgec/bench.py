@@ -316,6 +316,12 @@ def run_bench(
     """
     art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
     where = "this host" if remote is None else remote.describe()
+    if remote is not None:
+        from edgec.emulate import emulated_label
+
+        label = emulated_label(remote)  # a board emulated on this host: its latency says so
+        if label:
+            where += f" [{label}]"
     state = _State()
     events: list[BenchEvent] = []
     events_lock = threading.Lock()

@@ -102,3 +102,47 @@ def test_dynamic_spatial_input_is_refused_but_batch_is_set_to_one():
     assert res.macs == 3 * 5 * 8
     m2 = make_model([node], [("x", ("N", 3, 4, 8))], [("y", ("N", 3, 4, 8))])
     assert analysis.analyze(m2).tensor("y").shape == (1, 3, 4, 8)
+
+
+def _cnn(tmp_path):
+    rng = np.random.default_rng(7)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv1"),
+        helper.make_node("Relu", ["a"], ["b"], name="relu1"),
+        helper.make_node("Conv", ["b", "w2"], ["c"], pads=[1, 1, 1, 1], group=8, name="dw"),
+        helper.make_node("GlobalAveragePool", ["c"], ["y"], name="gap"),
+    ]
+    m = make_model(nodes, [("x", (1, 3, 32, 32))], [("y", (1, 8, 1, 1))],
+                   [tensor("w1", rng.standard_normal((8, 3, 3, 3)).astype(np.float32)),
+                    tensor("w2", rng.standard_normal((8, 1, 3, 3)).astype(np.float32))])
+    path = tmp_path / "cnn.onnx"
+    import onnx
+
+    onnx.save(m, path)
+    return m, path
+
+
+def test_inspect_cli_table_json_and_memory_plot(tmp_path, run_cli):
+    m, path = _cnn(tmp_path)
+    code, out, err = run_cli("inspect", str(path))
+    assert code == 0, err
+    macs = 8 * 16 * 16 * 27 + 8 * 256 + 8 * 256 * 9 + 8 * 256
+    assert f"{macs:,}" in out and "Conv" in out and "GlobalAveragePool" in out
+    code, out, err = run_cli("inspect", str(path), "--json")
+    data = json.loads(out)
+    assert data["macs"] == macs and data["params"] == 8 * 27 + 8 * 9
+    assert data["peak_activation_bytes"]["int8"] == analysis.analyze(m).memory_int8.peak_bytes
+    plot = tmp_path / "mem.png"
+    code, out, err = run_cli("inspect", str(path), "--memory", "--act-dtype", "int8", "--patches", "2x2",
+                             "--plot", str(plot))
+    assert code == 0, err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Patch-based inference" in out and "<- peak" in out
+
+
+def test_inspect_cli_errors_are_one_line(tmp_path, run_cli):
+    code, _, err = run_cli("inspect", str(tmp_path / "missing.onnx"))
+    assert code != 0 and "no such file" in err and "Traceback" not in err
+    _, path = _cnn(tmp_path)
+    code, _, err = run_cli("inspect", str(path), "--patches", "2x2", "--split", "y")
+    assert code != 0 and "'gap'" in err and "Traceback" not in err

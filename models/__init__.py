@@ -15,10 +15,11 @@ BN folding and quantization are exercised on numbers like a trained model's:
 
 1. seeded init: convolutions He-normal (fan-out, as torchvision), linear layers uniform
    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, BN ``gamma ~ U(0.6, 1.4)``, ``beta ~ N(0, 0.1^2)``;
-2. calibration: a few forward passes in train mode on seeded ``N(0, 1)`` images with
-   ``momentum=None`` (cumulative average), so ``running_mean``/``running_var`` are the mean of
-   the batch statistics and every BN output has roughly zero mean and variance ``gamma^2``;
-3. ``eval()``.
+2. calibration: a forward pass in train mode on a seeded batch of two ``N(0, 1)`` images with ``momentum=None`` (cumulative average), so
+   ``running_mean``/``running_var`` are the statistics of the data each BN sees and every BN
+   output has roughly mean ``beta`` and variance ``gamma^2``;
+3. ``eval()``, then the last linear layer is scaled so the logits on that batch have standard
+   deviation 3 (like a trained classifier's; random features give ~0.3).
 
 The result: finite outputs of O(1)-O(10) scale, BN statistics far from the ``(0, 1)`` defaults.
 """
@@ -91,7 +92,7 @@ class ModelSpec:
             module = self.builder(**kwargs)
             _common.init_weights(module)
         if calibrate:
-            _common.calibrate_batchnorm(module, self.input_shape(**kwargs), seed=seed)
+            _common.calibrate(module, self.input_shape(**kwargs), seed=seed)
         return module.eval()
 
 

@@ -10,9 +10,11 @@ import math
 import torch
 from torch import nn
 
-#: train-mode forward passes and batch size used to calibrate BN running statistics.
-CALIBRATION_STEPS = 2
-CALIBRATION_BATCH = 8
+#: train-mode forward passes, batch size and largest resolution used to calibrate BN statistics.
+CALIBRATION_STEPS = 1
+CALIBRATION_BATCH = 2
+#: standard deviation of the logits after :func:`scale_classifier`.
+LOGIT_STD = 3.0
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -65,28 +67,55 @@ def init_weights(module: nn.Module) -> None:
             m.reset_running_stats()
 
 
-def calibrate_batchnorm(
-    module: nn.Module,
-    input_shape: tuple[int, ...],
-    *,
-    seed: int = 0,
-    steps: int = CALIBRATION_STEPS,
-    batch: int = CALIBRATION_BATCH,
-) -> None:
-    """Set BN running stats to the average batch statistics of ``steps`` seeded random batches."""
+def calibration_batch(input_shape: tuple[int, ...], seed: int, batch: int = CALIBRATION_BATCH) -> torch.Tensor:
+    """Seeded ``N(0, 1)`` images of the model's input shape (batch ``batch``)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(batch, *input_shape[1:], generator=gen)
+
+
+def calibrate(module: nn.Module, input_shape: tuple[int, ...], *, seed: int = 0) -> None:
+    """BN running statistics from seeded data, then logits scaled to std :data:`LOGIT_STD`."""
+    x = calibration_batch(input_shape, seed)
+    calibrate_batchnorm(module, x)
+    scale_classifier(module, x)
+
+
+def calibrate_batchnorm(module: nn.Module, x: torch.Tensor, steps: int = CALIBRATION_STEPS) -> None:
+    """Set BN running stats to the average batch statistics of ``steps`` forward passes on ``x``.
+
+    With ``momentum=None`` PyTorch keeps the cumulative average of the batch statistics, so after
+    the passes ``running_mean``/``running_var`` are those of the data each BN actually saw.
+    """
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average
-    gen = torch.Generator().manual_seed(seed + 1)
+        bn.momentum = None
     module.train()
     with torch.no_grad():
         for _ in range(steps):
-            module(torch.randn(batch, *input_shape[1:], generator=gen))
+            module(x)
     for bn, mom in zip(bns, momenta):
         bn.momentum = mom
-        bn.num_batches_tracked.zero_()
     module.eval()
+
+
+def scale_classifier(module: nn.Module, x: torch.Tensor, target_std: float = LOGIT_STD) -> None:
+    """Scale the last ``nn.Linear`` so the outputs on ``x`` have standard deviation ``target_std``.
+
+    Random features give logits of std ~0.3; trained classifiers give O(1)-O(10).  Scaling the
+    weight and bias by ``c`` scales the logits by ``c`` (the layer is linear).
+    """
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return
+    module.eval()
+    with torch.no_grad():
+        std = float(module(x).std())
+        if std > 0 and math.isfinite(std):
+            c = target_std / std
+            linears[-1].weight.mul_(c)
+            if linears[-1].bias is not None:
+                linears[-1].bias.mul_(c)

@@ -74,7 +74,7 @@ def build(*, width_mult: float = 1.0, resolution: int = 224, num_classes: int = 
 SPEC = register(
     ModelSpec(
         name="mobilenet_v2",
-        description="MobileNetV2 (inverted residuals, ReLU6); width_mult, resolution",
+        description="MobileNetV2 (inverted residuals, ReLU6)",
         default_input_shape=(1, 3, 224, 224),
         builder=build,
     )

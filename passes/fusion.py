@@ -373,8 +373,16 @@ class MatMulAddToGemm(Pass):
                 stats.reject("matmul-add", label, f"the addend has rank {rc}; Gemm's C must broadcast to [N, M]")
                 continue
             cshape = static_shape(c)
+            if const_array(c) is not None:
+                cshape = const_array(c).shape
             outshape = static_shape(node.outputs[0])
-            if cshape is None or outshape is None or np.broadcast_shapes(cshape, outshape) != outshape:
+            bshape = const_array(b).shape if const_array(b) is not None else static_shape(b)
+            row = cshape is not None and (len(cshape) < 2 or cshape[0] == 1)
+            fits = cshape is not None and (
+                (row and bshape is not None and cshape[-1:] in ((), (1,), (bshape[1],)))
+                or (outshape is not None and np.broadcast_shapes(cshape, outshape) == outshape)
+            )
+            if not fits:
                 stats.reject("matmul-add", label, "cannot prove the addend broadcasts to the MatMul output")
                 continue
             gemm = ir.node("Gemm", [a, b, c], name=f"{label}_gemm")

@@ -282,6 +282,8 @@ class Reparameterize(Pass):
         label = node_label(root)
         x = classified[chosen[0]][0].x
         if len(chosen) < 2:
+            if any(const_array(v) is not None for v, _ in leaves):
+                return  # conv + constant is fold-scale's business
             reasons = [why for _, why in classified if why]
             others = [classified[i][0] for i in range(len(classified)) if i not in chosen]
             detail = "; ".join(reasons) if reasons else "; ".join(

@@ -378,3 +378,16 @@ def test_zoo_reparam_matches_deploy_form(zoo_onnx, name, kwargs) -> None:
     assert_equivalent(train, out)
     merged = sum(v for k, v in report.steps[0].stats.matched.items() if "reparam[" in k)
     assert merged > 0 and "Add" not in ops(out)
+
+
+def test_repvit_token_mixer_then_bn() -> None:
+    """RepViT's RepVGGDW: BN(dw3x3+BN(x) + dw1x1 with bias(x) + x): reparam, then fold-bn."""
+    b = Builder(np.random.default_rng(23))
+    c = 8
+    s = b.sum_tree([b.bn(b.conv("x", c, c, 3, groups=c, bias=False), c), b.conv("x", c, c, 1, groups=c), "x"], [0])
+    y = b.bn(s, c)
+    proto = b.model([("x", (1, c, 7, 7))], [(y, (1, c, 7, 7))])
+    result, out = run_pass(proto, "fuse")
+    assert ops(out) == {"Conv": 1}, result.stats.matched
+    assert result.stats.matched["reparam[1x1dw + 3x3dw+bn + id]"] == 1
+    assert_equivalent(proto, out)

@@ -488,12 +488,12 @@ class FoldPad(Pass):
                 if nxt.attributes.get_int("ceil_mode", 0):
                     stats.reject(pattern, label, "MaxPool uses ceil_mode")
                     continue
-            overrides["pads"] = [a + b for a, b in zip(own, extra)]
-            new = ir.Node("", nxt.op_type, [node.inputs[0], *nxt.inputs[1:]], _attrs(nxt, **overrides),
-                          num_outputs=1, name=f"{node_label(nxt)}_padded")
             if len(nxt.outputs) > 1 and any(o.uses() or o.is_graph_output() for o in nxt.outputs[1:]):
                 stats.reject(pattern, label, "MaxPool indices output is used")
                 continue
+            overrides["pads"] = [a + b for a, b in zip(own, extra)]
+            new = ir.Node("", nxt.op_type, [node.inputs[0], *nxt.inputs[1:]], _attrs(nxt, **overrides),
+                          num_outputs=1, name=f"{node_label(nxt)}_padded")
             replace_with_node(graph, nxt, [node, nxt], [new], nxt.outputs[0], new.outputs[0])
             stats.count(pattern)
         return self.result(model, stats)

@@ -148,6 +148,17 @@ def _classify(v: ir.Value, reader: ir.Node) -> tuple[_Branch, str | None]:
     return bare, f"summand {v.name} comes from {p.op_type}, not from a linear branch"
 
 
+def _would_read(v: ir.Value) -> ir.Value | None:
+    """The input a Conv/BN/Conv+BN summand reads (whether or not it can be absorbed), else None."""
+    p = v.producer()
+    if is_op(p, "BatchNormalization"):
+        q = p.inputs[0].producer() if p.inputs[0] is not None else None
+        return q.inputs[0] if is_op(q, "Conv") else p.inputs[0]
+    if is_op(p, "Conv"):
+        return p.inputs[0]
+    return None
+
+
 def _sum_tree(root: ir.Node) -> tuple[list[tuple[ir.Value, ir.Node]], list[ir.Node]]:
     """Leaves ``(value, reader)`` and inner nodes of the Add/Sum tree rooted at ``root``."""
     leaves: list[tuple[ir.Value, ir.Node]] = []
@@ -284,12 +295,18 @@ class Reparameterize(Pass):
         if len(chosen) < 2:
             if any(const_array(v) is not None for v, _ in leaves):
                 return  # conv + constant is fold-scale's business
-            reasons = [why for _, why in classified if why]
-            others = [classified[i][0] for i in range(len(classified)) if i not in chosen]
-            detail = "; ".join(reasons) if reasons else "; ".join(
-                f"summand {b.x.name} is not a branch of {x.name}" for b in others
-            )
-            stats.reject("reparam", label, f"only one linear branch of {x.name} in the sum: {detail}")
+            details = []
+            for i, (v, _) in enumerate(leaves):
+                if i in chosen:
+                    continue
+                why, reads = classified[i][1], _would_read(v)
+                if why and (reads is x or reads is None):
+                    details.append(why)
+                elif reads is not None:
+                    details.append(f"summand {v.name} is computed from {reads.name}, not {x.name}")
+                else:
+                    details.append(f"summand {v.name} is not a branch of {x.name}")
+            stats.reject("reparam", label, f"only one linear branch of {x.name} in the sum: " + "; ".join(details))
             return
         branches = [classified[i][0] for i in chosen]
         reason = self._check(branches, x)

@@ -310,6 +310,8 @@ class _Graph:
                 if i in self.constant:
                     if op in ("QuantizeLinear", "DequantizeLinear") and len(s) == 1 and int(attrs.get("axis", 1)) in (1, -3):
                         continue
+                    if op == "BatchNormalization":
+                        continue  # scale, bias, mean and variance are per channel
                     if any(int(d) != 1 for d in s[-2:]):
                         return f"constant {i!r} {list(s)} varies across the spatial axes"
                 elif len(s) != 4 or tuple(s[2:]) != tuple(out_hw):

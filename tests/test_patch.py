@@ -59,9 +59,15 @@ def conv_stacks(draw):
             cur_h, cur_w = ho, wo
         elif kind == "relu":
             nodes.append(helper.make_node(draw(st.sampled_from(["Relu", "Sigmoid"])), [cur], [out]))
-        elif kind == "bn":
+        elif kind == "bn" and draw(st.booleans()):
             inits += [tensor(f"s{i}", rng.standard_normal((cur_c, 1, 1)).astype(F))]
             nodes.append(helper.make_node("Mul", [cur, f"s{i}"], [out]))
+        elif kind == "bn":
+            names = [f"{p}{i}" for p in ("g", "be", "mu", "var")]
+            vals = [rng.standard_normal(cur_c), rng.standard_normal(cur_c), rng.standard_normal(cur_c),
+                    rng.uniform(0.5, 2.0, cur_c)]
+            inits += [tensor(n, v.astype(F)) for n, v in zip(names, vals)]
+            nodes.append(helper.make_node("BatchNormalization", [cur, *names], [out]))
         elif kind == "res":
             k = draw(st.sampled_from([1, 3, 5]))
             inits.append(tensor(f"w{i}", _conv_w(rng, cur_c, 1, k)))
@@ -221,3 +227,25 @@ def test_option_parsing_and_cli(tmp_path, run_cli):
                               "--split", "y")
     assert code != 0 and "GlobalAveragePool" in stderr and not (tmp_path / "q.onnx").exists()
     assert PatchSchedule.name == "patch-schedule"
+
+
+@pytest.mark.slow
+def test_patched_model_compiles_with_tvm_and_matches():
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Conv", ["r0", "w1"], ["c1"], pads=[1] * 4, strides=[2, 2], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[2] * 4, group=8, name="dw5"),
+             helper.make_node("Add", ["c2", "r1"], ["s"]),
+             helper.make_node("GlobalAveragePool", ["s"], ["y"])]
+    m = _tiny_cnn(nodes, [tensor("w1", _conv_w(rng, 8, 16, 3)), tensor("w2", _conv_w(rng, 8, 1, 5))],
+                  in_shape=(1, 3, 32, 32), out_shape=(1, 8, 1, 1), width=16)
+    patched, report = patch_model(m, PatchConfig(Grid(3, 3), "s"))
+    ex = tvm.compile(from_onnx(patched, keep_params_in_input=False), tvm.target.Target({"kind": "llvm"}))
+    vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
+    x = rng.standard_normal((1, 3, 32, 32)).astype(F)
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    want = verify.run(m, {"x": x})[0]
+    assert np.abs(got - want).max() <= 1e-5

@@ -23,9 +23,11 @@ Placement (what runtimes fuse):
   their own: their output shares the scale of their input, so ``DQ -> op -> Q`` runs in int8.
 - Other ops (Softmax, Sigmoid, shape arithmetic ...) stay float: QDQ around them gains nothing.
 
-Bias correction: quantized weights change each layer's mean output.  With ``y`` the float
-layer output and ``y_q`` the output of the quantized model, on the calibration data, per output
-channel ``c``: ``b_c <- b_c - mean_{n,h,w}(y_q - y)_c`` (applied before the bias is quantized).
+Bias correction: quantized weights (and input) change each layer's mean output.  With ``x`` the
+layer's float input on the calibration data, ``y = op(x, W) + b`` and
+``y_q = op(DQ(Q(x)), DQ(Q(W))) + b``, per output channel ``c``:
+``b_c <- b_c - mean_{n,h,w}(y_q - y)_c`` (applied before the bias is quantized).  Each layer is
+corrected for its own error only (same float input), so nothing is corrected twice.
 
 Sensitivity: for each quantized layer alone, ``SQNR = 10 log10(sum y^2 / sum (y_q - y)^2)`` of
 the model outputs on the calibration data.  Mixed precision (``max_drop``) keeps the least
@@ -214,10 +216,12 @@ class QuantizeReport:
     evaluation: Evaluation
     sensitivity: tuple[LayerSensitivity, ...]
     rejected: tuple[tuple[str, str], ...]
+    batchnorms_folded: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "config": dataclasses.asdict(self.config),
+            "batchnorms_folded": self.batchnorms_folded,
             "calibration": {"source": self.calibration_description, "samples": self.calibration_samples},
             "layers_quantized": list(self.layers_quantized),
             "layers_float": list(self.layers_float),
@@ -675,30 +679,62 @@ def _clip_bounds(g: _Graph, node: onnx.NodeProto) -> tuple[float | None, float |
     return lo, hi
 
 
-def bias_deltas(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, plan: Plan, data: CalibrationSet) -> dict[str, np.ndarray]:
-    """Per-channel mean error ``mean(y_q - y)`` of every Conv/Gemm output (MatMul has no bias)."""
-    layers = [lay for lay in plan.layers if lay.op in ("Conv", "Gemm")]
-    names = [lay.output for lay in layers]
-    if not names:
+def bias_deltas(float_proto: onnx.ModelProto, plan: Plan, cal: Calibration, config: QuantConfig,
+                data: CalibrationSet) -> dict[str, np.ndarray]:
+    """Per-channel mean error ``mean(y_q - y)`` of every Conv/Gemm, each layer on its own.
+
+    ``y_q = op(DQ(Q(x)), DQ(Q(W)), b)`` is computed next to ``y = op(x, W, b)`` inside the float
+    model, from the same float input ``x``, so each correction removes the layer's own error
+    and none is counted twice down the network (MatMul has no bias to correct).
+    """
+    g = _Graph(float_proto)
+    qp = group_qparams(plan, cal, config.activations)
+    layers = [lay for lay in plan.layers if lay.op in ("Conv", "Gemm") and lay.input in qp]
+    if not layers:
         return {}
-    sums_f: dict[str, np.ndarray] = {}
-    sums_q: dict[str, np.ndarray] = {}
+    aug = onnx.ModelProto()
+    aug.CopyFrom(float_proto)
+    names: list[str] = []
+    for lay in layers:
+        node = g.by_name[lay.node]
+        q = qp[lay.input]
+        p = f"{lay.node}__bc"
+        wq, ws = _quantize_weight(g.consts[lay.weight], lay.weight_axis, config.per_channel)
+        zp_t = np.uint8 if q.dtype == "uint8" else np.int8
+        aug.graph.initializer.extend([
+            numpy_helper.from_array(np.array(q.scale, np.float32), f"{p}_xs"),
+            numpy_helper.from_array(np.array(q.zero_point, zp_t), f"{p}_xz"),
+            numpy_helper.from_array(wq, f"{p}_wq"), numpy_helper.from_array(ws, f"{p}_ws"),
+            numpy_helper.from_array(np.zeros(ws.shape, np.int8), f"{p}_wz"),
+        ])
+        kw = {"axis": lay.weight_axis} if ws.ndim == 1 else {}
+        dup = onnx.NodeProto()
+        dup.CopyFrom(node)
+        dup.name = f"{p}_op"
+        dup.input[0], dup.input[1] = f"{p}_xdq", f"{p}_wdq"
+        del dup.output[:]
+        dup.output.append(f"{p}_y")
+        aug.graph.node.extend([
+            helper.make_node("QuantizeLinear", [lay.input, f"{p}_xs", f"{p}_xz"], [f"{p}_xq"], name=f"{p}_q"),
+            helper.make_node("DequantizeLinear", [f"{p}_xq", f"{p}_xs", f"{p}_xz"], [f"{p}_xdq"], name=f"{p}_dq"),
+            helper.make_node("DequantizeLinear", [f"{p}_wq", f"{p}_ws", f"{p}_wz"], [f"{p}_wdq"], name=f"{p}_wdqn", **kw),
+            dup,
+        ])
+        names += [lay.output, f"{p}_y"]
+    # the duplicates read tensors produced earlier; appending keeps the graph topologically sorted
+    # only if they come after their inputs, which holds at the end of the node list
+    aug = _with_outputs(aug, names)
+    sums: dict[str, np.ndarray] = {}
 
-    def reduce(arr: np.ndarray, axis: int) -> np.ndarray:
-        a = np.moveaxis(arr, axis, 0).reshape(arr.shape[axis], -1)
-        return a.mean(axis=1).astype(np.float64)
+    def acc(_: int, outs: list[np.ndarray]) -> None:
+        for k, lay in enumerate(layers):
+            y, yq = outs[2 * k], outs[2 * k + 1]
+            d = np.moveaxis(yq - y, lay.out_axis, 0).reshape(y.shape[lay.out_axis], -1).mean(axis=1)
+            sums[lay.node] = sums.get(lay.node, 0) + d.astype(np.float64)
 
-    def acc(target: dict[str, np.ndarray]) -> Callable[[int, list[np.ndarray]], None]:
-        def f(_: int, outs: list[np.ndarray]) -> None:
-            for lay, arr in zip(layers, outs, strict=True):
-                m = reduce(arr, lay.out_axis)
-                target[lay.node] = target.get(lay.node, 0) + m
-        return f
-
-    _run_all(_with_outputs(float_proto, names), data.samples, names, acc(sums_f))
-    _run_all(_with_outputs(quant_proto, names), data.samples, names, acc(sums_q))
-    n = len(data.samples)
-    return {k: (sums_q[k] - sums_f[k]) / n for k in sums_f}
+    _run_all(aug, data.samples, names, acc)
+    n = max(len(data.samples), 1)
+    return {k: v / n for k, v in sums.items()}
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -755,11 +791,22 @@ def sensitivity(float_proto: onnx.ModelProto, plan: Plan, cal: Calibration, conf
 # --- the whole flow ---------------------------------------------------------------------------
 
 
+def _fold_batchnorm(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Fold BatchNormalization into adjacent convs first (exact), so Conv -> Relu fusion sees them."""
+    if not any(n.op_type == "BatchNormalization" for n in proto.graph.node):
+        return proto, 0
+    from edgec.passes_api import registry
+
+    result = registry.create("fold-bn")(eir.from_proto(proto))
+    out = eir.to_proto(result.model)
+    return out, sum(1 for n in proto.graph.node if n.op_type == "BatchNormalization") - sum(
+        1 for n in out.graph.node if n.op_type == "BatchNormalization")
+
+
 def _build_with_bias(proto: onnx.ModelProto, plan: Plan, cal: Calibration, config: QuantConfig, data: CalibrationSet) -> tuple[Built, int]:
-    built = build(proto, plan, cal, config)
     if not config.bias_correction:
-        return built, 0
-    deltas = bias_deltas(proto, built.model, plan, data)
+        return build(proto, plan, cal, config), 0
+    deltas = bias_deltas(proto, plan, cal, config, data)
     return build(proto, plan, cal, config, deltas), len(deltas)
 
 
@@ -780,6 +827,7 @@ def quantize_model(
     """
     proto = model if isinstance(model, onnx.ModelProto) else eir.to_proto(model)
     check_quantizable(proto)
+    proto, folded = _fold_batchnorm(proto)
     proto = _named(proto)
     specs = vfy.input_specs(proto)
     data = calibration if isinstance(calibration, CalibrationSet) else calibration.load(specs, config.max_samples)
@@ -832,6 +880,7 @@ def quantize_model(
         evaluation=report_eval,
         sensitivity=sens,
         rejected=plan.rejected,
+        batchnorms_folded=folded,
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -167,6 +168,49 @@ def library_arch(path: Path) -> str | None:
     return _ELF_MACHINES.get(machine, f"ELF machine {machine:#x}")
 
 
+def _cuda_available() -> bool:
+    """Is there a CUDA GPU?  With a runtime-only TVM (``TVM_USE_RUNTIME_LIB=1``, as on a board
+    without the compiler) TVM's CUDA runtime library is not loaded by ``import tvm``: load it."""
+    import ctypes
+
+    import tvm
+
+    if tvm.cuda(0).exist:
+        return True
+    try:
+        from tvm.base import _LOADED_LIBS
+
+        lib = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+        if lib.exists() and "tvm_runtime_cuda" not in _LOADED_LIBS:
+            _LOADED_LIBS["tvm_runtime_cuda"] = ctypes.CDLL(str(lib), mode=ctypes.RTLD_LOCAL)
+    except (OSError, KeyError, AttributeError):
+        return False
+    return bool(tvm.cuda(0).exist)
+
+
+def _register_cuda_compiler(arch: str) -> None:
+    """CUDA artifacts carry TVM's CUDA C; the CUDA runtime compiles it on load through the global
+    ``tvm_callback_cuda_compile``.  Register one that compiles for the artifact's ``--arch`` (TVM's
+    own asks for the current target, which a runtime-only TVM cannot answer): NVRTC when
+    ``cuda-bindings`` is installed, else nvcc (``TVM_CUDA_COMPILE_MODE`` overrides; nvcc needs the
+    full TVM, not the runtime alone)."""
+    import os
+
+    import tvm_ffi
+    from tvm.support import nvcc
+
+    import importlib.util
+
+    has_nvrtc = importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None
+    mode = os.environ.get("TVM_CUDA_COMPILE_MODE") or ("nvrtc" if has_nvrtc or not shutil.which("nvcc") else "nvcc")
+    fmt = "fatbin" if mode == "nvcc" else "cubin"
+
+    def compile_cuda(code: str) -> bytes:
+        return nvcc.compile_cuda(code, target_format=fmt, arch=arch or None, compiler=mode)
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
+
+
 def _triple_arch(triple: str) -> str:
     return triple.split("-")[0].replace("arm64", "aarch64")
 
@@ -214,7 +258,7 @@ def _load(model: Path) -> Any:
 
 def _worker(artifact: Artifact, remote: Remote | None, cfg: BenchConfig, state: _State, emit: Callable[[BenchEvent], None]) -> None:
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine  # runtime only: works with TVM_USE_RUNTIME_LIB=1
 
     m = artifact.manifest
     lib_arch = library_arch(artifact.library)
@@ -226,9 +270,11 @@ def _worker(artifact: Artifact, remote: Remote | None, cfg: BenchConfig, state: 
                 f"{artifact.path} was built for {lib_arch} ({m.target}); this host is {host}",
                 "run it on the device with --rpc HOST:PORT or --tracker HOST:PORT --key KEY",
             )
-        if m.device == "cuda" and not tvm.cuda(0).exist:
+        if m.device == "cuda" and not _cuda_available():
             raise EdgecError(f"{artifact.path} is a CUDA build ({m.target}) and this host has no CUDA GPU", "run it on a machine with an NVIDIA GPU, or over --rpc")
         dev = tvm.cuda(0) if m.device == "cuda" else tvm.cpu(0)
+        if m.device == "cuda":
+            _register_cuda_compiler(str(m.tvm_target.get("arch", "")))
         lib = tvm.runtime.load_module(str(artifact.library))
     else:
         emit(BenchEvent("connect", 0, 1))
@@ -259,7 +305,7 @@ def _worker(artifact: Artifact, remote: Remote | None, cfg: BenchConfig, state: 
         if m.device == "cuda" and not dev.exist:
             raise EdgecError(f"the device at {remote.describe()} has no CUDA GPU")
     state.touch("check")
-    vm = relax.VirtualMachine(lib, dev)
+    vm = VirtualMachine(lib, dev)
     rng = np.random.default_rng(cfg.seed)
     feeds = vfy.random_inputs(artifact.inputs, rng)
     args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s.name]), device=dev) for s in artifact.inputs]

@@ -208,11 +208,11 @@ def _check_tools(target: Target) -> None:
 def run_local(library: Path | Any, device: str, feeds: Sequence[Mapping[str, np.ndarray]], input_names: Sequence[str]) -> list[list[np.ndarray]]:
     """Run a compiled library (path or executable) on this machine; outputs per feed."""
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine  # runtime only: works with TVM_USE_RUNTIME_LIB=1
 
     lib = tvm.runtime.load_module(str(library)) if isinstance(library, (str, Path)) else library
     dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
-    vm = relax.VirtualMachine(lib, dev)
+    vm = VirtualMachine(lib, dev)
     outs = []
     for feed in feeds:
         args = [tvm.runtime.tensor(np.ascontiguousarray(feed[n]), device=dev) for n in input_names]

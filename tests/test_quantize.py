@@ -268,10 +268,10 @@ def test_matmul_and_graph_output_conv() -> None:
              helper.make_node("MatMul", ["hr", "w2"], ["y"], name="mm2")]
     model = make_model(nodes, [("x", (1, 16))], [("y", (1, 5))],
                        [tensor("w", r.standard_normal((16, 32)).astype(np.float32)), tensor("w2", r.standard_normal((32, 5)).astype(np.float32))])
-    report = quantize_model(model, gaussian_set((1, 16), 32, 1), QuantConfig(method="percentile"))
+    report = quantize_model(model, gaussian_set((1, 16), 512, 1), QuantConfig(method="mse"))
     inits = inits_of(report.model)
     assert inits["mm_W_scale"].shape == (32,)  # per output column: axis 1 of a MatMul weight
-    assert fresh_sqnr(model, report.model, (1, 16)) > 30
+    assert fresh_sqnr(model, report.model, (1, 16), n=64) > 28
     # a Conv writing a graph output: the DQ takes the output's name
     conv = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="c")], [("x", (1, 2, 4, 4))], [("y", (1, 3, 4, 4))],
                       [tensor("w", r.standard_normal((3, 2, 1, 1)).astype(np.float32))])

@@ -492,6 +492,11 @@ class FoldPad(Pass):
                 stats.reject(pattern, label, "MaxPool indices output is used")
                 continue
             overrides["pads"] = [a + b for a, b in zip(own, extra)]
+            if nxt.op_type != "Conv":
+                kernel = list(nxt.attributes.get_ints("kernel_shape", []))
+                if any(p >= k for p, k in zip(overrides["pads"], kernel + kernel)):
+                    stats.reject(pattern, label, "pooling pads must stay smaller than the kernel")
+                    continue
             new = ir.Node("", nxt.op_type, [node.inputs[0], *nxt.inputs[1:]], _attrs(nxt, **overrides),
                           num_outputs=1, name=f"{node_label(nxt)}_padded")
             replace_with_node(graph, nxt, [node, nxt], [new], nxt.outputs[0], new.outputs[0])

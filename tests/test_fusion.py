@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,11 @@ from graphs import make_model, tensor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
-from test_reparam import Builder, assert_equivalent, ops, run_pass
+from test_reparam import Builder, assert_equivalent, ops, repvgg_block, run_pass
 
 from edgec import ir as eir
 
-PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=int(os.environ.get("EDGEC_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def conv_out(size: int, k: int, s: int, p: int) -> int:
@@ -252,3 +253,69 @@ def test_cli_optimize_fuse(tmp_path: Path, run_cli) -> None:
     assert code == 0, stderr
     assert "equivalence vs input: ok" in stdout
     assert eir.count_nodes(eir.load_model(out)) == 8
+
+
+@st.composite
+def layer_chains(draw):
+    """A random chain of conv-net layers: convs of every kind, BN, scales, pads, pools, RepVGG blocks."""
+    layers = []
+    c, size = 4, 12
+    for _ in range(draw(st.integers(2, 7))):
+        kind = draw(st.sampled_from(["conv", "conv", "bn", "mul", "add", "pad", "relu", "avgpool", "repvgg"]))
+        if kind == "conv":
+            k = draw(st.sampled_from([1, 3, 5]))
+            if k > size:
+                continue
+            g = draw(st.sampled_from(["1", "dw", "2"]))
+            cout = c if g == "dw" else draw(st.sampled_from([4, 8]))
+            groups = {"1": 1, "dw": c, "2": 2}[g]
+            stride = draw(st.sampled_from([1, 2]))
+            pad = draw(st.sampled_from([0, k // 2]))
+            layers.append(("conv", k, stride, groups, cout, draw(st.booleans()), pad))
+            size, c = conv_out(size, k, stride, pad), cout
+        elif kind == "pad":
+            p = draw(st.integers(1, 2))
+            layers.append(("pad", p))
+            size += 2 * p
+        elif kind == "avgpool":
+            if size < 2:
+                continue
+            layers.append(("avgpool",))
+            size -= 1
+        else:
+            layers.append((kind,))
+    return layers, size, c
+
+
+@PROPERTY
+@given(chain=layer_chains(), seed=st.integers(0, 2**31 - 1))
+def test_fuse_property_random_chains(chain, seed) -> None:
+    layers, size, c_out = chain
+    b = Builder(np.random.default_rng(seed))
+    x, c = "x", 4
+    for layer in layers:
+        kind = layer[0]
+        if kind == "conv":
+            _, k, stride, groups, cout, bias, pad = layer
+            x = b.conv(x, c, cout, k, stride=stride, groups=groups, pads=[pad] * 4, bias=bias)
+            c = cout
+        elif kind == "bn":
+            x = b.bn(x, c)
+        elif kind in ("mul", "add"):
+            shape = (c, 1, 1) if b.rng.random() < 0.7 else ()
+            x = b.op(kind.capitalize(), [x, b.init("k", b.rng.uniform(0.5, 2.0, shape))])
+        elif kind == "pad":
+            pads = b.init("pads", np.array([0, 0, layer[1], layer[1]] * 2))
+            b.inits[-1] = tensor(pads, np.array([0, 0, layer[1], layer[1]] * 2, np.int64))
+            x = b.op("Pad", [x, pads])
+        elif kind == "relu":
+            x = b.op("Relu", [x])
+        elif kind == "avgpool":
+            x = b.op("AveragePool", [x], kernel_shape=[2, 2])
+        else:
+            x = repvgg_block(b, x, c)
+    proto = b.model([("x", (1, 4, 12, 12))], [(x, (1, c_out, size, size))])
+    result, got = run_pass(proto, "fuse")
+    assert len(got.graph.node) <= len(proto.graph.node)
+    assert "BatchNormalization" not in ops(got) or result.stats.rejected
+    assert_equivalent(proto, got)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from edgec.passes_api import registry
 from edgec.pipeline import Pipeline
 
 TOL = verify.Tolerance(rtol=1e-4, atol=1e-5)
-PROPERTY = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=int(os.environ.get("EDGEC_HYPOTHESIS_EXAMPLES", 80)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 class Builder:

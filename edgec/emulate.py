@@ -12,8 +12,11 @@ What a board is
   clients).  The kernel runs every arm64 binary through ``qemu-aarch64`` (binfmt_misc), and
   ``QEMU_CPU`` selects the emulated core (``cortex-a72`` for a Raspberry Pi 4), so code built with
   features the core lacks (``+sve`` for a Cortex-A72) dies with SIGILL, as on the real board.
-  When ``unshare`` works, the server runs in a private mount namespace with ``/proc`` and ``/sys``
-  mounted inside the root (onnxruntime reads the CPU list there); the mounts vanish with it.
+  When ``unshare`` works, the server runs in a private mount namespace with ``/proc`` mounted
+  inside the root; the mount vanishes with it.  ``/sys`` is deliberately not mounted: qemu 7.2
+  does not emulate ``/proc/cpuinfo`` for arm64, and onnxruntime's cpuinfo, given the host's CPU
+  list in ``/sys`` plus the host's x86 ``/proc/cpuinfo``, crashes (SIGSEGV); without ``/sys`` it
+  warns and falls back to the baseline arm64 (NEON) kernels.
 - **lifetime**: :func:`start` waits until the server accepts connections (or is listed by the
   tracker), with a bounded wait, and writes ``<cache>/arm64/boards/<port>.json`` (pid, address,
   cpu, log file) so that :func:`stop` works from another process.  A board started with
@@ -122,7 +125,8 @@ class BoardConfig:
     ``host``/``port``: where the RPC server listens (the chroot shares this host's network);
     ``tracker`` (``HOST:PORT``) and ``key``: register with that tracker instead;
     ``start_timeout_s``: longest wait for the server to come up; ``die_with_parent``: the board
-    gets SIGTERM when the process that started it dies.
+    gets SIGTERM when the process that started it dies; ``threads``: TVM runtime threads on the
+    board (``TVM_NUM_THREADS``; 0: TVM's default, one per core of this host).
     """
 
     arch: str = "arm64"
@@ -133,6 +137,7 @@ class BoardConfig:
     key: str | None = None
     start_timeout_s: float = 120.0
     die_with_parent: bool = False
+    threads: int = 0
     cache: Path | None = None
 
     def __post_init__(self) -> None:
@@ -156,6 +161,8 @@ class BoardConfig:
             raise InputError("--key only makes sense with --tracker HOST:PORT")
         if self.start_timeout_s <= 0:
             raise InputError("--timeout must be positive")
+        if self.threads < 0:
+            raise InputError("--threads must be >= 0")
 
     @property
     def paths(self) -> BoardPaths:
@@ -177,6 +184,7 @@ class Board:
     root: str
     log: str
     started: float
+    threads: int = 0
 
     @property
     def address(self) -> str:
@@ -338,7 +346,6 @@ def _unpack(paths: BoardPaths) -> None:
 _MOUNT_AND_CHROOT = (
     'r="$1"; shift; '
     'mount -t proc proc "$r/proc" 2>/dev/null; '
-    'mount --rbind /sys "$r/sys" 2>/dev/null; '
     'exec chroot "$r" "$@"'
 )
 _unshare_ok: bool | None = None
@@ -363,8 +370,11 @@ def chroot_command(root: Path, argv: Sequence[str]) -> list[str]:
     return ["chroot", str(root), *inner]
 
 
-def _env(cpu: str) -> dict[str, str]:
-    return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "QEMU_CPU": cpu, "LC_ALL": "C.UTF-8"}
+def _env(cpu: str, threads: int = 0) -> dict[str, str]:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "QEMU_CPU": cpu, "LC_ALL": "C.UTF-8"}
+    if threads:
+        env["TVM_NUM_THREADS"] = str(threads)
+    return env
 
 
 def _check_can_run() -> None:
@@ -434,6 +444,32 @@ def start(config: BoardConfig = BoardConfig(), progress: Progress = _noop) -> Bo
     process is killed, nothing is left running) and :class:`~edgec.errors.ToolMissingError`
     when the host lacks what it needs.
     """
+    return start_boards([config], progress)[0]
+
+
+def start_boards(configs: Sequence[BoardConfig], progress: Progress = _noop) -> list[Board]:
+    """Start several boards at once (they boot concurrently), wait until all serve.
+
+    The processes are started from the calling thread: with ``die_with_parent`` the kernel
+    signals a board when the *thread* that started it exits, so call this from a long-lived one.
+    On any failure every board started here is stopped.
+    """
+    started: list[tuple[Board, subprocess.Popen[bytes], BoardConfig, tuple[str, int] | None]] = []
+    try:
+        for config in configs:
+            started.append(_spawn(config, progress))
+        if started:
+            progress("waiting for the server (importing TVM under emulation takes ~10-40 s)")
+        for board, proc, config, tracker in started:
+            _wait_ready(board, proc, config, tracker)
+    except BaseException:
+        for board, *_ in started:
+            stop(board)
+        raise
+    return [b for b, *_ in started]
+
+
+def _spawn(config: BoardConfig, progress: Progress) -> tuple[Board, subprocess.Popen[bytes], BoardConfig, tuple[str, int] | None]:
     import psutil
 
     port = config.port
@@ -462,28 +498,21 @@ def start(config: BoardConfig = BoardConfig(), progress: Progress = _noop) -> Bo
         argv += ["--tracker", config.tracker, "--key", str(config.key)]
     paths.boards.mkdir(parents=True, exist_ok=True)
     log = paths.boards / f"{port}.log"
-    progress(f"starting the TVM RPC server on an emulated {config.cpu} ({config.arch})")
+    progress(f"starting the TVM RPC server on an emulated {config.cpu} ({config.arch}), port {port}")
     with open(log, "w") as fh:
         proc = subprocess.Popen(chroot_command(root, argv), stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                env=_env(config.cpu), start_new_session=True,
+                                env=_env(config.cpu, config.threads), start_new_session=True,
                                 preexec_fn=_pdeathsig if config.die_with_parent else None)
     board = Board(config.arch, config.cpu, config.host, port, config.tracker, config.key, proc.pid,
-                  psutil.Process(proc.pid).create_time(), str(root), str(log), time.time())
+                  psutil.Process(proc.pid).create_time(), str(root), str(log), time.time(), config.threads)
     tmp = _pid_file(paths, port).with_suffix(".tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(board), indent=2))
     tmp.replace(_pid_file(paths, port))
-    try:
-        _wait_ready(board, proc, config, tracker_addr, progress)
-    except BaseException:
-        stop(board)
-        raise
-    return board
+    return board, proc, config, tracker_addr
 
 
-def _wait_ready(board: Board, proc: subprocess.Popen[bytes], config: BoardConfig, tracker: tuple[str, int] | None,
-                progress: Progress) -> None:
-    deadline = time.monotonic() + config.start_timeout_s
-    progress("waiting for the server (importing TVM under emulation takes ~10 s)")
+def _wait_ready(board: Board, proc: subprocess.Popen[bytes], config: BoardConfig, tracker: tuple[str, int] | None) -> None:
+    deadline = board.started + config.start_timeout_s
     while True:
         if proc.poll() is not None:
             raise BoardError(f"the emulated board's RPC server exited (code {proc.returncode}) before serving",
@@ -501,22 +530,15 @@ def _wait_ready(board: Board, proc: subprocess.Popen[bytes], config: BoardConfig
             # would make it re-register, so only the tracker is asked.
             try:
                 summary = tracker_summary(*tracker, timeout=5.0)
-                if any(q.key == board.key and q.total > 0 for q in summary.queues) and _log_mentions(board, "connected to tracker"):
+                if any(k == board.key and a.rpartition(":")[2] == str(board.port) for a, k in summary.servers):
                     return
             except EdgecError:
                 pass
-        if time.monotonic() > deadline:
+        if time.time() > deadline:
             raise BoardError(f"the emulated board did not {'register with the tracker' if tracker else 'accept connections'} "
                              f"within {config.start_timeout_s:g} s",
                              f"its log {board.log}: {_log_tail(Path(board.log))}; a slow host may need a longer --timeout")
         time.sleep(0.5)
-
-
-def _log_mentions(board: Board, text: str) -> bool:
-    try:
-        return text in Path(board.log).read_text(errors="replace")
-    except OSError:
-        return False
 
 
 def _local_addresses() -> set[str]:
@@ -548,10 +570,10 @@ def find_board(host: str, port: int, key: str | None = None, tracker: bool = Fal
 
 
 def emulated_label(remote: Any) -> str | None:
-    """``"emulated arm64 cortex-a72 (qemu)"`` when ``remote`` (an :class:`edgec.rpc.Remote`) is a
+    """``"emulated arm64 cortex-a72"`` when ``remote`` (an :class:`edgec.rpc.Remote`) is a
     board emulated on this host, else None: latency measured there must say so."""
     b = find_board(remote.host, remote.port, getattr(remote, "key", None), bool(getattr(remote, "via_tracker", False)))
-    return None if b is None else f"emulated {b.arch} {b.cpu} (qemu user-mode on this host)"
+    return None if b is None else f"emulated {b.arch} {b.cpu}"
 
 
 def stop(board: Board, timeout_s: float = 10.0) -> bool:

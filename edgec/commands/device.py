@@ -43,17 +43,19 @@ Examples:
 @click.option("--port", type=int, default=9090, show_default=True, help="RPC server port (0: pick a free one).")
 @click.option("--tracker", default=None, metavar="HOST:PORT", help="Register with this TVM RPC tracker (it must be running).")
 @click.option("--key", default=None, help="Device key to register under at the tracker.")
+@click.option("--threads", type=int, default=0, show_default=True, help="TVM runtime threads on the board (0: one per host core).")
 @click.option("--timeout", type=float, default=180.0, show_default=True, help="Seconds to wait for the server to come up.")
 @click.option("--foreground", is_flag=True, help="Stay attached and stop the board on Ctrl-C.")
 @click.option("--json", "as_json", is_flag=True, help="Print the board as JSON.")
-def emulate(arch: str, cpu: str, host: str, port: int, tracker: str | None, key: str | None, timeout: float,
+def emulate(arch: str, cpu: str, host: str, port: int, tracker: str | None, key: str | None, threads: int, timeout: float,
             foreground: bool, as_json: bool) -> None:
     """Start an emulated ARCH board (building its userland once) serving TVM RPC."""
     from edgec import emulate as em
 
     if port == 0:
         port = em.free_port(host if host not in ("0.0.0.0", "") else "127.0.0.1")
-    config = em.BoardConfig(arch=arch, cpu=cpu, host=host, port=port, tracker=tracker, key=key, start_timeout_s=timeout)
+    config = em.BoardConfig(arch=arch, cpu=cpu, host=host, port=port, tracker=tracker, key=key, threads=threads,
+                            start_timeout_s=timeout)
     t0 = time.monotonic()
     board = em.start(config, progress=lambda line: console.info(f"[bold]{line}[/bold]"))
     if as_json:

@@ -678,12 +678,17 @@ def patch_model(model: ir.Model | onnx.ModelProto, config: PatchConfig = PatchCo
             found = min((r[0] for r in results), key=lambda r: r.peak_after, default=None)
             what = (f"the lowest peak found is {found.peak_after:,} bytes (split {found.split!r}, grid {found.grid})"
                     if found is not None else
-                    f"no split point gets below {min(bounds.values()):,} bytes (the input plus the split tensor, or the "
-                    "layers after the split, need that much)")
+                    f"every split point and grid needs more (no split can go below {min(bounds.values()):,} bytes: "
+                    "the input plus the split tensor, or the layers after the split)")
+            hint = "raise --sram-budget or use a smaller model or input resolution"
+            if act > 1:
+                hint = "use int8 activations (--act-dtype int8), " + hint
+            if config.planner == memory.PlannerOptions():
+                hint += ", or plan with in-place depthwise (--planner tinyengine)"
             raise InputError(
-                f"nothing fits the SRAM budget of {config.sram_budget:,} bytes with {act}-byte activations: {what}; "
-                f"grids up to {grids[-1]} tried",
-                "raise --sram-budget, use int8 activations (--act-dtype int8), or a smaller model or input",
+                f"nothing fits the SRAM budget of {config.sram_budget:,} bytes with {act}-byte activations "
+                f"(grids up to {grids[-1]} tried): {what}",
+                hint,
             )
         report, proto = min(fitting, key=lambda r: (r[0].macs_after, r[0].peak_after))
         return proto, report

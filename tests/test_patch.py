@@ -249,3 +249,30 @@ def test_patched_model_compiles_with_tvm_and_matches():
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     want = verify.run(m, {"x": x})[0]
     assert np.abs(got - want).max() <= 1e-5
+
+
+@pytest.mark.parametrize("attrs", [
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+    {"auto_pad": "SAME_LOWER", "strides": [2, 2]},
+    {"auto_pad": "VALID", "strides": [1, 2]},
+    {"pads": [0, 0, 0, 0], "strides": [2, 2], "ceil_mode": 1, "pool": True},  # ceil that adds no window
+])
+def test_auto_pad_and_ceil_mode(attrs):
+    rng = np.random.default_rng(9)
+    attrs = dict(attrs)
+    size = 16 if attrs.get("pool") else 15
+    if attrs.pop("pool", False):
+        node = helper.make_node("MaxPool", ["r0"], ["p"], kernel_shape=[2, 2], **attrs)
+    else:
+        node = helper.make_node("Conv", ["r0", "w1"], ["p"], **attrs)
+    m = _tiny_cnn([node, helper.make_node("Relu", ["p"], ["y"])], [tensor("w1", _conv_w(rng, 4, 4, 3))],
+                  in_shape=(1, 3, size, 16), out_shape=("a", "b", "c", "d"))
+    patched, _ = patch_model(m, PatchConfig(Grid(3, 2), "p"))
+    assert verify.compare_models(m, patched).max_abs <= 1e-5
+
+
+def test_ceil_mode_with_partial_window_is_refused():
+    node = helper.make_node("MaxPool", ["r0"], ["p"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1, name="ceilpool")
+    m = _tiny_cnn([node, helper.make_node("Relu", ["p"], ["y"])], in_shape=(1, 3, 15, 15), out_shape=(1, 4, 8, 8))
+    with pytest.raises(InputError, match="'ceilpool'.*ceil_mode"):
+        patch_model(m, PatchConfig(Grid(2, 2), "p"))

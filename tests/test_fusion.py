@@ -319,3 +319,22 @@ def test_fuse_property_random_chains(chain, seed) -> None:
     assert len(got.graph.node) <= len(proto.graph.node)
     assert "BatchNormalization" not in ops(got) or result.stats.rejected
     assert_equivalent(proto, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "mcunet", "mobilenetv4_conv_small", "repvgg_a0", "mobileone_s0"])
+def test_fuse_keeps_every_zoo_model_numbers(zoo_onnx, name: str) -> None:
+    """Every fusion pass on its own, then `fuse`, on each zoo model: numbers kept, BN gone."""
+    from edgec.pipeline import Pipeline
+
+    from edgec.passes.fusion import FUSE_ORDER
+    from edgec.passes_api import registry
+
+    proto = zoo_onnx(name)
+    report = Pipeline(registry.parse_list(list(FUSE_ORDER) + ["fuse"])).run(eir.from_proto(proto))
+    assert report.final.passed, report.final.summary()
+    assert report.final.max_rel <= 1e-4
+    out = eir.to_proto(report.model)
+    assert "BatchNormalization" not in ops(out)
+    assert len(out.graph.node) < len(proto.graph.node)
+    assert_equivalent(proto, out)

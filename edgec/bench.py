@@ -12,7 +12,8 @@ Measurement (the shape of TVM's ``time_evaluator`` result: raw samples plus stat
 Before timing, the device's outputs on those inputs are compared with onnxruntime's on this host
 (the ``model.onnx`` stored in the artifact): a build that runs but computes the wrong thing fails.
 With ``compare_ort`` onnxruntime (all graph optimizations, default threads) is also timed on this
-host in the same run with the same warmup/number/repeat, and ``ratio = mean_edgec / mean_ort``.
+host in the same run with the same warmup/number/repeat, one onnxruntime sample after each edgec
+sample (so both see the same machine load), and ``ratio = mean_edgec / mean_ort``.
 
 Faults are bounded: every stage runs in a worker thread watched by a stall timer; a server that is
 down, a tracker with no free device, a session that dies or stops answering mid-run, or an artifact
@@ -236,18 +237,21 @@ class _State:
                 self.stage = stage
 
 
-def _time_ort(model: Path, feeds: dict[str, np.ndarray], cfg: BenchConfig, state: _State, emit: Callable[[BenchEvent], None]) -> None:
-    sess = vfy.session(_load(model), optimize=True)
-    for _ in range(cfg.warmup + 1):
-        sess.run(None, feeds)
-    for i in range(cfg.repeat):
+class _OrtTimer:
+    """onnxruntime on this host (all graph optimizations, default threads), one sample per call."""
+
+    def __init__(self, model: Path, feeds: dict[str, np.ndarray], cfg: BenchConfig) -> None:
+        self.sess = vfy.session(_load(model), optimize=True)
+        self.feeds = feeds
+        self.number = cfg.number
+        for _ in range(cfg.warmup + 1):
+            self.sess.run(None, feeds)
+
+    def sample_ms(self) -> float:
         t = time.perf_counter()
-        for _ in range(cfg.number):
-            sess.run(None, feeds)
-        ms = (time.perf_counter() - t) * 1e3 / cfg.number
-        state.ort_samples.append(ms)
-        state.touch("onnxruntime")
-        emit(BenchEvent("onnxruntime", i + 1, cfg.repeat, ms))
+        for _ in range(self.number):
+            self.sess.run(None, self.feeds)
+        return (time.perf_counter() - t) * 1e3 / self.number
 
 
 def _load(model: Path) -> Any:
@@ -334,14 +338,17 @@ def _worker(artifact: Artifact, remote: Remote | None, cfg: BenchConfig, state: 
         emit(BenchEvent("warmup", i + 1, cfg.warmup))
     dev.sync()
     timer = vm.time_evaluator("invoke_stateful", dev, number=cfg.number, repeat=1)
+    # 4. onnxruntime on this host in the same run, samples interleaved with edgec's so that both
+    #    see the same machine load
+    ort = _OrtTimer(artifact.model, feeds, cfg) if cfg.compare_ort else None
     for i in range(cfg.repeat):
         ms = float(timer("main").results[0]) * 1e3
         state.samples.append(ms)
         state.touch("measure")
         emit(BenchEvent("measure", i + 1, cfg.repeat, ms))
-    # 4. onnxruntime on this host, same run
-    if cfg.compare_ort:
-        _time_ort(artifact.model, feeds, cfg, state, emit)
+        if ort is not None:
+            state.ort_samples.append(ort.sample_ms())
+            state.touch("measure")
 
 
 def _clean(exc: BaseException) -> str:

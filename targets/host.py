@@ -3,7 +3,8 @@
 The CPU pipeline follows ``tvm.relax.backend.cpu_generic.pipeline`` stage by stage:
 
 1. library dispatch (sampling, sort/scan);
-2. legalization and fusion: ``LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps ->
+2. edgec's layout hook (:func:`edgec.schedules.layout_passes`, e.g. channels-last), then
+   legalization and fusion: ``LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps ->
    FuseTIR``: every Relax operator becomes a TIR PrimFunc, element-wise tails are fused into
    their producer;
 3. scheduling: a MetaSchedule database when given (``MetaScheduleApplyDatabase``; functions
@@ -28,10 +29,18 @@ def library_dispatch_passes(target: Any) -> list[Any]:
     return [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]
 
 
+def layout_passes(target: Any) -> list[Any]:
+    """edgec's Relax layout rewrites that its schedules rely on (before legalization), if any."""
+    from edgec import schedules
+
+    hook = getattr(schedules, "layout_passes", None)
+    return list(hook(target)) if hook is not None else []
+
+
 def legalize_passes(target: Any) -> list[Any]:
     from tvm import relax
 
-    return [
+    return layout_passes(target) + [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

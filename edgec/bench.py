@@ -374,7 +374,7 @@ def run_bench(
 
         label = emulated_label(remote)  # a board emulated on this host: its latency says so
         if label:
-            where += f" [{label}]"
+            where += f" ({label})"
     state = _State()
     events: list[BenchEvent] = []
     events_lock = threading.Lock()

@@ -696,6 +696,13 @@ class Fuse(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         stats = PassStats()
+        overridable = [v.name for v in model.graph.inputs if v.is_initializer()]
+        if overridable:
+            stats.note(
+                f"{len(overridable)} initializers are also graph inputs (old ONNX IR), so they can change at run "
+                "time and are not folded; drop them from the inputs (onnx_ir.passes.common."
+                "RemoveInitializersFromInputsPass) if they are fixed weights"
+            )
         any_modified = False
         for _ in range(max(1, self.max_rounds)):
             modified = False

@@ -338,3 +338,14 @@ def test_fuse_keeps_every_zoo_model_numbers(zoo_onnx, name: str) -> None:
     assert "BatchNormalization" not in ops(out)
     assert len(out.graph.node) < len(proto.graph.node)
     assert_equivalent(proto, out)
+
+
+def test_initializers_that_are_graph_inputs_are_not_folded() -> None:
+    """Old-IR models list weights as graph inputs: they can be overridden at run time, so no fold."""
+    b = Builder(np.random.default_rng(24))
+    y = b.bn(b.conv("x", 3, 4, 3), 4)
+    proto = b.model([("x", (1, 3, 5, 5))], [(y, (1, 4, 5, 5))])
+    proto.graph.input.extend([helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in proto.graph.initializer])
+    result, got = run_pass(proto, "fuse")
+    assert not result.stats.matched and ops(got) == ops(proto)
+    assert "also graph inputs" in result.stats.notes[0]

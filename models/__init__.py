@@ -15,7 +15,8 @@ BN folding and quantization are exercised on numbers like a trained model's:
 
 1. seeded init: convolutions He-normal (fan-out, as torchvision), linear layers uniform
    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, BN ``gamma ~ U(0.6, 1.4)``, ``beta ~ N(0, 0.1^2)``;
-2. calibration: a forward pass in train mode on a seeded batch of two ``N(0, 1)`` images with ``momentum=None`` (cumulative average), so
+2. calibration: a forward pass in train mode on a seeded batch of ``N(0, 1)`` images (two at 224 px, up to 16
+   for small inputs, so every BN sees enough samples) with ``momentum=None`` (cumulative average), so
    ``running_mean``/``running_var`` are the statistics of the data each BN sees and every BN
    output has roughly mean ``beta`` and variance ``gamma^2``;
 3. ``eval()``, then the last linear layer is scaled so the logits on that batch have standard
@@ -153,6 +154,7 @@ def model_info(module: torch.nn.Module, input_shape: tuple[int, ...]) -> ModelIn
     """Count parameters and the MACs of Conv2d and Linear layers on one input of ``input_shape``.
 
     Conv MACs = ``out_numel * (in_channels / groups) * kh * kw``; Linear MACs = ``out_numel * in_features``.
+    A module built under ``torch.device("meta")`` is counted without computing anything.
     """
     import torch
 
@@ -173,9 +175,10 @@ def model_info(module: torch.nn.Module, input_shape: tuple[int, ...]) -> ModelIn
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, torch.nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
     try:
         with torch.no_grad():
-            module(torch.zeros(*input_shape))
+            module(torch.zeros(*input_shape, device=device))
     finally:
         for h in handles:
             h.remove()

@@ -13,6 +13,9 @@ from torch import nn
 #: train-mode forward passes, batch size and largest resolution used to calibrate BN statistics.
 CALIBRATION_STEPS = 1
 CALIBRATION_BATCH = 2
+#: small inputs get a larger calibration batch: at least this many pixels per BN in all.
+CALIBRATION_PIXELS = 2 * 224 * 224
+CALIBRATION_MAX_BATCH = 16
 #: standard deviation of the logits after :func:`scale_classifier`.
 LOGIT_STD = 3.0
 
@@ -67,8 +70,15 @@ def init_weights(module: nn.Module) -> None:
             m.reset_running_stats()
 
 
-def calibration_batch(input_shape: tuple[int, ...], seed: int, batch: int = CALIBRATION_BATCH) -> torch.Tensor:
-    """Seeded ``N(0, 1)`` images of the model's input shape (batch ``batch``)."""
+def calibration_batch(input_shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Seeded ``N(0, 1)`` images of the model's input shape.
+
+    The batch holds at least :data:`CALIBRATION_PIXELS` pixels (up to 16 images), so that the
+    last stages of a small-resolution model (2x2 maps at 64 px) still see enough samples per
+    channel for stable statistics.
+    """
+    pixels = math.prod(input_shape[2:]) or 1
+    batch = min(CALIBRATION_MAX_BATCH, max(CALIBRATION_BATCH, math.ceil(CALIBRATION_PIXELS / pixels)))
     gen = torch.Generator().manual_seed(seed + 1)
     return torch.randn(batch, *input_shape[1:], generator=gen)
 

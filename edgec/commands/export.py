@@ -58,6 +58,8 @@ def run_export(model: str, output: Path, input_shape: str | None, opset: int, dy
 
     shape = parse_shape(input_shape) if input_shape is not None else None
     parent = output.parent if str(output.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{parent}: is not a directory", "choose an output path inside a directory")
     if not parent.is_dir():
         raise InputError(f"{parent}: output directory does not exist", "create it first")
     if output.is_dir():

@@ -19,7 +19,7 @@ def command(as_json: bool, no_size: bool) -> None:
     """List the zoo models that `edgec export` accepts by name.
 
     Parameters and multiply-accumulates (Conv2d and Linear, batch 1, default input) are counted
-    by building each model once with untrained weights.  Model arguments (--arg KEY=VALUE of
+    on PyTorch's meta device (shapes only, no weights).  Model arguments (--arg KEY=VALUE of
     `edgec export`) are listed per model.
     """
     from edgec import models
@@ -33,7 +33,7 @@ def command(as_json: bool, no_size: bool) -> None:
             if not no_size:
                 import torch
 
-                with torch.random.fork_rng(devices=[]):
+                with torch.device("meta"):  # shapes only: no weights allocated, nothing computed
                     info = models.model_info(spec.builder().eval(), spec.default_input_shape)
             args = {k: (None if p.default is p.empty else p.default) for k, p in spec.parameters().items()}
             rows.append((spec, info, args))

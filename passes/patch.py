@@ -173,7 +173,14 @@ class PatchReport:
     def mac_overhead(self) -> float:
         return self.macs_after / max(self.macs_before, 1) - 1.0
 
+    @property
+    def patched(self) -> bool:
+        return bool(self.split)
+
     def summary(self) -> str:
+        if not self.patched:
+            return (f"the model already fits: peak {self.peak_before:,} bytes ({self.activation_bytes}-byte "
+                    "activations); left unpatched")
         return (f"split at {self.split!r} ({'x'.join(map(str, self.split_shape))}), grid {self.grid}: peak "
                 f"{self.peak_before:,} -> {self.peak_after:,} bytes ({self.activation_bytes}-byte activations), "
                 f"{self.ratio:.2f}x lower; MACs +{100 * self.mac_overhead:.1f}% from halo recomputation")
@@ -618,7 +625,8 @@ def _lower_bound(g: _Graph, schedule: memory.Schedule, plan: memory.MemoryPlan, 
 def patch_model(model: ir.Model | onnx.ModelProto, config: PatchConfig = PatchConfig()) -> tuple[onnx.ModelProto, PatchReport]:
     """Patch ``model`` as configured; returns the patched model and its :class:`PatchReport`.
 
-    With ``sram_budget`` the split (unless given) and the grid (unless given) are searched: for each
+    A model whose peak already fits ``sram_budget`` is returned unchanged (``report.patched`` is
+    False).  With ``sram_budget`` the split (unless given) and the grid (unless given) are searched: for each
     split the smallest square grid whose peak fits the budget, then among those the one with the
     least MAC overhead (then lowest peak).  Without a budget and with ``split="AUTO"`` the split
     with the lowest peak for the grid (default 4x4) is used.
@@ -643,6 +651,9 @@ def patch_model(model: ir.Model | onnx.ModelProto, config: PatchConfig = PatchCo
         hs, ws = g.shape(config.split)[2:]
         if config.grid is not None and (config.grid.rows > hs or config.grid.cols > ws):
             _build(g, config.split, config.grid)  # raises the error naming the node
+    if config.sram_budget is not None and before.peak_bytes <= config.sram_budget:
+        return g.proto, PatchReport("", "", Grid(1, 1), (), 0, config.activation_bytes, before.peak_bytes,
+                                    before.peak_bytes, before_a.macs, before_a.macs)
     if config.grid is not None:
         grids = [config.grid]
     elif config.sram_budget is None:
@@ -672,6 +683,9 @@ def patch_model(model: ir.Model | onnx.ModelProto, config: PatchConfig = PatchCo
             best_peak = res[0].peak_after if best_peak is None else min(best_peak, res[0].peak_after)
             if config.sram_budget is not None and res[0].peak_after <= config.sram_budget:
                 break  # larger grids of this split only add halo MACs
+        if config.sram_budget is not None and any(
+                r.peak_after <= config.sram_budget and r.macs_after <= r.macs_before for r, _ in results):
+            break  # fits with no MAC overhead: nothing can be better
     if config.sram_budget is not None:
         fitting = [r for r in results if r[0].peak_after <= config.sram_budget]
         if not fitting:
@@ -733,6 +747,8 @@ class PatchSchedule(Pass):
         proto, report = patch_model(model, self.config)
         self.report = report
         stats = PassStats()
-        stats.count("patched stage nodes", report.stage_nodes)
         stats.note(report.summary())
+        if not report.patched:
+            return PassResult(model, False, stats)
+        stats.count("patched stage nodes", report.stage_nodes)
         return PassResult(eir.from_proto(proto), True, stats)

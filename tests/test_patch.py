@@ -205,6 +205,8 @@ def test_sram_budget_search_and_nothing_fits():
     plan = memory.plan_memory(analysis.analyze(patched).schedule, 1)
     assert plan.peak_bytes == report.peak_after
     assert verify.compare_models(m, patched).max_abs <= 1e-5
+    same, fits = patch_model(m, PatchConfig(None, "AUTO", before, activation_bytes=1))
+    assert not fits.patched and fits.peak_after == before and len(same.graph.node) == len(m.graph.node)
     with pytest.raises(InputError, match="nothing fits the SRAM budget of 100 bytes"):
         patch_model(m, PatchConfig(None, "AUTO", 100, activation_bytes=1))
 

@@ -300,19 +300,22 @@ def _run_script(paths: BoardPaths, progress: Progress) -> None:
 def prepare(arch: str = "arm64", progress: Progress = _noop, cache: Path | None = None) -> Path:
     """Make sure the rootfs is built and unpacked and the host can run it; return the root.
 
-    Runs ``scripts/arm_board.sh`` when something is missing and this process is root; otherwise
-    raises :class:`~edgec.errors.ToolMissingError` naming the packages and the script.
+    As root, runs ``scripts/arm_board.sh`` (quick when everything is in place: it installs what
+    is missing, builds the tarball once); otherwise raises :class:`~edgec.errors.ToolMissingError`
+    naming the packages and the script when something is missing.
     """
     paths = BoardPaths.for_arch(arch, cache)
     with _locked(paths):
-        if not _tarball_fresh(paths) or missing_tools():
-            if not _is_root():
-                what = missing_tools() or [f"the arm64 userland {paths.tarball}"]
-                raise ToolMissingError("the emulated board needs " + ", ".join(what), _install_hint())
-            progress("building rootfs and installing the aarch64 runtime (once, a few minutes)")
+        ready = _tarball_fresh(paths) and not missing_tools()
+        if _is_root() and (SCRIPT.is_file() or not ready):
+            # Idempotent and quick when all is in place; it also rebuilds an outdated tarball
+            # and re-enables binfmt after a reboot.
+            if not _tarball_fresh(paths):
+                progress("building rootfs and installing the aarch64 runtime (once, a few minutes)")
             _run_script(paths, progress)
-            if missing_tools():
-                raise ToolMissingError("the emulated board still lacks " + ", ".join(missing_tools()), _install_hint())
+        if not _tarball_fresh(paths) or missing_tools():
+            what = missing_tools() or [f"the arm64 userland {paths.tarball}"]
+            raise ToolMissingError("the emulated board needs " + ", ".join(what), _install_hint())
         if not _root_fresh(paths):
             progress(f"unpacking rootfs into {paths.root}")
             _unpack(paths)

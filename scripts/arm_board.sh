@@ -74,23 +74,34 @@ fi
 
 mkdir -p "$CACHE"
 work=$(mktemp -d "$CACHE/build.XXXXXX")
+pip_pid=""
 cleanup() {
+  [ -z "$pip_pid" ] || kill "$pip_pid" 2>/dev/null || true
   for m in proc dev; do umount "$work/root/$m" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
 root=$work/root
 
-say "building the arm64 $SUITE userland (debootstrap from $mirror, ~2 min)"
+# The aarch64 wheels download (host pip, no emulation) while debootstrap runs.
+say "downloading the aarch64 TVM runtime, onnxruntime and numpy (in the background)"
+# shellcheck disable=SC2086
+"$PY" -m pip install -q --disable-pip-version-check --target "$work/tvmpy" --only-binary=:all: \
+  --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 --python-version 3.11 --implementation cp \
+  $WHEELS >"$work/pip.log" 2>&1 &
+pip_pid=$!
+
+say "building the arm64 $SUITE userland (debootstrap from $mirror, a few minutes: its second stage runs emulated)"
+t0=$SECONDS
 debootstrap --arch=arm64 --variant=minbase --include=python3 "$SUITE" "$root" "$mirror" >"$work/debootstrap.log" 2>&1 ||
   { tail -20 "$work/debootstrap.log" >&2; die "debootstrap failed (log above)"; }
+say "debootstrap took $((SECONDS - t0)) s"
 
-say "installing the aarch64 TVM runtime, onnxruntime and numpy into /opt/tvmpy"
-# shellcheck disable=SC2086
-"$PY" -m pip install -q --disable-pip-version-check --target "$root/opt/tvmpy" --only-binary=:all: \
-  --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 --python-version 3.11 --implementation cp \
-  $WHEELS 2>&1 | grep -v -E '^WARNING: Location' >&2 || true
-[ -d "$root/opt/tvmpy/tvm" ] && [ -d "$root/opt/tvmpy/onnxruntime" ] || die "pip could not install the aarch64 wheels"
+wait "$pip_pid" || { pip_pid="";  grep -v -E '^WARNING: Location' "$work/pip.log" | tail -20 >&2; die "pip could not install the aarch64 wheels (log above)"; }
+[ -d "$work/tvmpy/tvm" ] && [ -d "$work/tvmpy/onnxruntime" ] || die "pip could not install the aarch64 wheels"
+mkdir -p "$root/opt"
+pip_pid=""
+mv "$work/tvmpy" "$root/opt/tvmpy"
 
 # Smaller tarball: drop apt lists/caches and docs.
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* "$root"/usr/share/man/*

@@ -1,0 +1,132 @@
+"""edgec vs onnxruntime on an EMULATED ARM64 board (qemu user-mode on this host), one run.
+
+For each zoo model: compiled by ``edgec compile --target <cpu>`` (cross-compiled, linked with
+aarch64-linux-gnu-gcc) and timed by ``edgec bench --rpc`` on an emulated board (``edgec device
+emulate arm64``), against onnxruntime's own aarch64 build timed inside the same emulated userland
+(``edgec.emulate.ort_latency``).  Both sides: same emulated core (``QEMU_CPU``), same thread count
+(``TVM_NUM_THREADS`` on the board, onnxruntime ``intra_op_num_threads``), fresh random inputs.
+
+Every number is EMULATED: qemu translating arm64 code on this x86 host, not a real Cortex-A72.
+Only the ratio edgec / onnxruntime (both emulated, same run) means something, and even that
+weighs instructions by qemu's translation cost, not by the real core's pipeline.
+
+Timing interleaves the two runtimes in ``--rounds`` rounds (edgec, onnxruntime, edgec, ...),
+each round ``--repeat`` samples of one run each after one warmup, and reports the median over
+all samples of each side, so load from other processes on this shared host hits both alike.
+Correctness is checked in the same run: edgec's outputs on the board vs onnxruntime on this host
+(``edgec bench``'s check), and the emulated onnxruntime's outputs vs this host's onnxruntime.
+
+    python bench/arm_emulated.py                                   # mobilenet_v2 1.0 224, cortex-a72, 1 thread
+    python bench/arm_emulated.py --models mobilenet_v2,mcunet --rounds 3 --repeat 3
+    python bench/arm_emulated.py --width 0.35 --resolution 96 --cpu cortex-a76 --json
+    python bench/arm_emulated.py --db tuning-db/                   # apply a MetaSchedule database
+
+Needs root and the board's Debian packages (``sudo bash scripts/arm_board.sh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def measure(name: str, args: argparse.Namespace, board, work: Path) -> dict:  # noqa: ANN001
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from edgec import emulate as em
+    from edgec.bench import BenchConfig, run_bench
+    from edgec.compile import CompileConfig, compile_model
+    from edgec.export import export_zoo_model
+    from edgec.rpc import Remote
+    from edgec.targets import get_target
+
+    kw = {}
+    if args.width is not None:
+        kw["width_mult"] = args.width
+    if args.resolution is not None:
+        kw["resolution"] = args.resolution
+    proto = export_zoo_model(name, **kw)
+    t = time.perf_counter()
+    art = compile_model(proto, work / name, CompileConfig(target=get_target(args.cpu), database=args.db)).artifact
+    compile_s = time.perf_counter() - t
+    remote = Remote.direct(f"{board.connect_host}:{board.port}", connect_timeout_s=30.0)
+    tvm_ms: list[float] = []
+    ort_ms: list[float] = []
+    where = ""
+    device_err = 0.0
+    ort_err = 0.0
+    ort_version = ""
+    for r in range(args.rounds):
+        res = run_bench(art, remote, BenchConfig(warmup=1, number=1, repeat=args.repeat, stall_timeout_s=args.timeout,
+                                                 check_outputs=(r == 0)))
+        tvm_ms += res.stats.samples_ms
+        where = res.where
+        if res.equivalence is not None:
+            device_err = res.equivalence.max_rel
+        o = em.ort_latency(art.model, em.OrtRunConfig(cpu=args.cpu, warmup=1, number=1, repeat=args.repeat,
+                                                      threads=args.threads, seed=r, timeout_s=args.timeout))
+        ort_ms += o.stats.samples_ms
+        ort_version = o.ort_version
+        if r == 0:
+            host = ort.InferenceSession(str(art.model), providers=["CPUExecutionProvider"]).run(None, o.inputs)
+            ort_err = max(float(np.abs(h - e).max() / max(float(np.abs(h).max()), 1e-12)) for h, e in zip(host, o.outputs))
+        print(f"  {name} round {r + 1}/{args.rounds}: edgec {statistics.median(res.stats.samples_ms):.1f} ms, "
+              f"onnxruntime {statistics.median(o.stats.samples_ms):.1f} ms (emulated)", file=sys.stderr)
+    m = onnx.load(str(art.model))
+    shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    e, o_ = statistics.median(tvm_ms), statistics.median(ort_ms)
+    return {"model": name, "input": shape, "cpu": args.cpu, "threads": args.threads, "where": where,
+            "edgec_ms_median": e, "onnxruntime_ms_median": o_, "ratio": e / o_, "edgec_samples": len(tvm_ms),
+            "ort_samples": len(ort_ms), "edgec_max_rel_err_vs_host_ort": device_err,
+            "emulated_ort_max_rel_err_vs_host_ort": ort_err, "onnxruntime": ort_version, "compile_s": compile_s,
+            "database": str(args.db) if args.db else None, "label": "emulated"}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="mobilenet_v2")
+    p.add_argument("--width", type=float, default=None, help="width_mult passed to the zoo builders")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--cpu", default="cortex-a72", help="edgec target and emulated core (cortex-a53/a72/a76)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--db", type=Path, default=None, help="MetaSchedule database folder (edgec tune --db)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    from edgec import console
+    from edgec import emulate as em
+
+    rows = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgec-arm-bench-") as tmp:
+        config = em.BoardConfig(cpu=args.cpu, port=em.free_port(), threads=args.threads, die_with_parent=True,
+                                start_timeout_s=300)
+        with em.emulated_board(config, progress=lambda s: print(s, file=sys.stderr)) as board:
+            for name in args.models.split(","):
+                rows.append(measure(name.strip(), args, board, Path(tmp)))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    console.out.print(console.table(
+        f"EMULATED {args.cpu} (qemu user-mode on this x86 host, {args.threads} thread(s)): edgec vs onnxruntime aarch64",
+        ["model", "input", "edgec ms (emulated)", "onnxruntime ms (emulated)", "edgec / ort", "edgec err", "ort-arm err"],
+        [(r["model"], "x".join(map(str, r["input"])), r["edgec_ms_median"], r["onnxruntime_ms_median"], r["ratio"],
+          r["edgec_max_rel_err_vs_host_ort"], r["emulated_ort_max_rel_err_vs_host_ort"]) for r in rows], numeric_from=2))
+    console.out.print(f"onnxruntime {rows[0]['onnxruntime'] if rows else '?'} (aarch64 wheel) in the emulated userland; "
+                      f"medians of {args.rounds} interleaved rounds x {args.repeat} samples; errors are max |diff| / max |ref| "
+                      f"vs onnxruntime on this host; total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -270,8 +270,6 @@ def analyze_proto(proto: onnx.ModelProto, planner: memory.PlannerOptions = memor
     for node in graph.node:
         if node.op_type == "Constant" or (all(i == "" or i in constant for i in node.input) and node.input):
             constant.update(o for o in node.output if o)
-    if any(i in constant for i in graph_outputs):
-        pass  # a constant output is still a weight; nothing to plan
     weight_elems = {n: numel(types[n][0]) for n in constant if n in types and types[n][0] is not None}
 
     nodes: list[NodeRecord] = []

@@ -164,7 +164,7 @@ def test_cli_bad_input(run_cli, tmp_path: Path, args: list[str], message: str, h
     assert list(out_dir.iterdir()) == []
 
 
-def test_cli_bad_output_path(run_cli, tmp_path: Path) -> None:
+def test_cli_bad_output_path(run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     code, _, stderr = run_cli("export", "mobilenet_v2", "-o", str(tmp_path / "no" / "dir" / "m.onnx"))
     assert code != 0 and "output directory does not exist" in stderr and "hint:" in stderr
     assert not (tmp_path / "no").exists()
@@ -175,6 +175,16 @@ def test_cli_bad_output_path(run_cli, tmp_path: Path) -> None:
     code, _, stderr = run_cli("export", "mobilenet_v2", "-o", str(tmp_path))
     assert code != 0 and "is a directory" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+    import os
+
+    real_access = os.access
+    ro = tmp_path / "readonly"
+    ro.mkdir(mode=0o555)
+    # root ignores permission bits, so the check itself is exercised through os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
+    code, _, stderr = run_cli("export", "mobilenet_v2", "-o", str(ro / "m.onnx"))
+    assert code != 0 and "not writable" in stderr and "hint:" in stderr
+    assert list(ro.iterdir()) == []
 
 
 def test_cli_models_table_and_json(run_cli) -> None:
@@ -193,3 +203,22 @@ def models_names() -> list[str]:
     from edgec import models
 
     return models.names()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mcunet", "mobilenet_v2", "mobilenetv4_conv_small", "mobileone_s0", "repvgg_a0", "resnet18"])
+def test_every_zoo_model_exports_at_its_default_shape(name: str, zoo_onnx) -> None:
+    from edgec import models
+
+    spec = models.get(name)
+    proto = zoo_onnx(name)
+    onnx.checker.check_model(proto)
+    assert verify.input_specs(proto)[0].shape == spec.default_input_shape
+    ops = _ops(proto)
+    assert ops.count("BatchNormalization") > 10
+    net = spec.build()
+    x = np.random.default_rng().standard_normal(spec.default_input_shape).astype(np.float32)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    got = verify.run(proto, {"input": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ def run_export(model: str, output: Path, input_shape: str | None, opset: int, dy
         raise InputError(f"{parent}: output directory does not exist", "create it first")
     if output.is_dir():
         raise InputError(f"{output}: is a directory", "give the path of the .onnx file to write")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{parent}: output directory is not writable", "choose a writable output directory")
     kwargs = parse_model_args(model, args)
     with console.progress() as prog:
         task = prog.add_task(f"building {model}", total=None)

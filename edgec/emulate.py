@@ -365,6 +365,20 @@ def _can_unshare() -> bool:
     return _unshare_ok
 
 
+# The board's leader: a host shell that runs the server and, on SIGTERM/SIGINT/SIGHUP (from
+# stop() or, with die_with_parent, from the kernel), signals its whole process group.  TVM's
+# rpc_server runs its server loop in a child (tvm.exec.popen_worker) that would otherwise outlive a
+# killed parent.
+_SUPERVISE = 'trap "trap - TERM INT HUP; kill -TERM 0 2>/dev/null; exit 143" TERM INT HUP; "$@" & wait $!'
+
+
+def supervised_command(argv: Sequence[str]) -> list[str]:
+    """``argv`` run under a host shell that ends its whole process group when it gets SIGTERM,
+    SIGINT or SIGHUP (start it with ``start_new_session=True``).  For TVM's rpc_server and
+    rpc_tracker, whose work happens in a ``popen_worker`` child that survives its parent."""
+    return ["/bin/sh", "-c", _SUPERVISE, "sh", *argv]
+
+
 def chroot_command(root: Path, argv: Sequence[str]) -> list[str]:
     """The host command that runs ``argv`` (a path inside the root) in the emulated userland."""
     inner = ["/usr/bin/env", f"PYTHONPATH={PYTHONPATH_IN_ROOT}", "HOME=/root", "LC_ALL=C.UTF-8", *argv]
@@ -503,7 +517,7 @@ def _spawn(config: BoardConfig, progress: Progress) -> tuple[Board, subprocess.P
     log = paths.boards / f"{port}.log"
     progress(f"starting the TVM RPC server on an emulated {config.cpu} ({config.arch}), port {port}")
     with open(log, "w") as fh:
-        proc = subprocess.Popen(chroot_command(root, argv), stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(supervised_command(chroot_command(root, argv)), stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
                                 env=_env(config.cpu, config.threads), start_new_session=True,
                                 preexec_fn=_pdeathsig if config.die_with_parent else None)
     board = Board(config.arch, config.cpu, config.host, port, config.tracker, config.key, proc.pid,
@@ -579,11 +593,25 @@ def emulated_label(remote: Any) -> str | None:
     return None if b is None else f"emulated {b.arch} {b.cpu}"
 
 
+def _kill_orphans(pgid: int) -> None:
+    """Kill what is left of a board whose leader died: its process group's TVM/qemu processes."""
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getpgid(p.pid) == pgid and any("tvm.exec" in a for a in (p.info["cmdline"] or [])):
+                p.kill()
+        except (OSError, psutil.Error):
+            continue
+
+
 def stop(board: Board, timeout_s: float = 10.0) -> bool:
     """Stop a board (its whole process group) and remove its pid file; True if it was running."""
     import psutil
 
     was_alive = board.alive()
+    if not was_alive:
+        _kill_orphans(board.pid)
     if was_alive:
         procs = [psutil.Process(board.pid)]
         try:

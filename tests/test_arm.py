@@ -13,8 +13,10 @@ without starting qemu.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -45,8 +47,8 @@ def boards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("arm")
     em.prepare("arm64")  # builds the rootfs (scripts/arm_board.sh) the first time; raises if it cannot
     tport = em.free_port()
-    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tport),
-                                "--port-end", str(tport + 1)], stdout=open(tmp / "tracker.log", "w"),
+    tracker = subprocess.Popen(em.supervised_command([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                                                      "--port", str(tport), "--port-end", str(tport + 1)]), stdout=open(tmp / "tracker.log", "w"),
                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_pdeathsig)
     started: list[em.Board] = []
     try:
@@ -72,8 +74,12 @@ def boards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     finally:
         for b in started:
             em.stop(b)
-        tracker.terminate()
+        # The tracker serves from a child process (tvm.exec.popen_worker): end its whole group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(tracker.pid, signal.SIGTERM)
         tracker.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(tracker.pid, signal.SIGKILL)
     for b in started:
         assert not b.alive(), f"board pid {b.pid} outlived its stop()"
 
@@ -137,6 +143,37 @@ def test_onnxruntime_aarch64_inside_the_emulated_userland(boards: dict, a72_arti
     for h, e in zip(host, res.outputs):
         assert h.shape == e.shape
         assert np.abs(h - e).max() <= 1e-4 * max(1.0, float(np.abs(h).max()))
+
+
+def _group(pgid: int) -> list[psutil.Process]:
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p)
+        except (OSError, psutil.Error):
+            pass
+    return left
+
+
+@pytest.mark.arm
+@pytest.mark.slow
+def test_board_dies_with_the_process_that_started_it(boards: dict) -> None:
+    """A process that started a board with die_with_parent is SIGKILLed: nothing of it survives."""
+    port = em.free_port()
+    code = ("import os; from edgec import emulate as em; "
+            f"b = em.start(em.BoardConfig(port={port}, die_with_parent=True, start_timeout_s=300)); "
+            "print(b.pid, flush=True); os.kill(os.getpid(), 9)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=420)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    pgid = int(r.stdout.split()[0])  # the board leads its own process group
+    end = time.monotonic() + 30
+    while _group(pgid) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert not _group(pgid), [p.cmdline() for p in _group(pgid)]
+    record = next(b for b in em.list_boards() if b.port == port)
+    assert not record.alive()
+    assert em.stop(record) is False and port not in {b.port for b in em.list_boards()}
 
 
 @pytest.mark.arm

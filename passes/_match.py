@@ -25,18 +25,23 @@ def is_op(node: ir.Node | None, *op_types: str) -> bool:
     return node is not None and node.domain in ONNX_DOMAINS and node.op_type in op_types
 
 
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value as a numpy array if it is a constant (initializer or Constant node), else None.
+def const_array(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None:
+    """The value as a numpy array if it is a constant, else None.
 
-    An initializer that is also a graph input can be overridden at run time, so it is not constant.
+    Constants are initializers, ``Constant`` nodes, and short chains of shape-only ops on them
+    (Identity, Cast, CastLike, Expand, Reshape, Unsqueeze, Squeeze) as unoptimized exporters emit
+    for zero biases.  An initializer that is also a graph input can be overridden at run time, so
+    it is not constant.
     """
     if value is None or value.is_graph_input():
         return None
     tensor = value.const_value
     if tensor is None:
         producer = value.producer()
-        if is_op(producer, "Constant") and "value" in producer.attributes:
-            tensor = producer.attributes["value"].as_tensor()
+        if is_op(producer, "Constant"):
+            return _constant_attr(producer)
+        if producer is not None and _depth < 6:
+            return _eval_shape_op(producer, _depth + 1)
     if tensor is None:
         return None
     try:
@@ -322,3 +327,91 @@ def split_const_operand(node: ir.Node) -> tuple[ir.Value, np.ndarray, int] | Non
     if (a is None) == (b is None):
         return None
     return (node.inputs[1], a, 0) if a is not None else (node.inputs[0], b, 1)
+
+
+def _constant_attr(node: ir.Node) -> np.ndarray | None:
+    attrs = node.attributes
+    try:
+        if "value" in attrs:
+            return np.asarray(attrs["value"].as_tensor().numpy())
+        for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
+                           ("value_ints", np.int64)):
+            if key in attrs:
+                return np.asarray(attrs[key].value, dtype=dtype)
+    except Exception:
+        return None
+    return None
+
+
+_SHAPE_OPS = ("Identity", "Cast", "CastLike", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Shape", "Gather",
+              "Concat", "Slice")
+
+
+def _eval_shape_op(node: ir.Node, depth: int) -> np.ndarray | None:
+    """Evaluate a shape-only op whose data input is constant (see :func:`const_array`)."""
+    if not is_op(node, *_SHAPE_OPS) or len(node.outputs) != 1:
+        return None
+    if node.op_type == "Shape":  # of a statically shaped value, constant or not
+        shape = static_shape(node.inputs[0])
+        if shape is None:
+            return None
+        start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", len(shape))
+        return np.array(shape[start:end] if "end" in node.attributes else shape[start:], dtype=np.int64)
+    if node.op_type == "Concat":
+        parts = [const_array(v, depth) for v in node.inputs]
+        if any(p is None for p in parts):
+            return None
+        return np.concatenate(parts, axis=node.attributes.get_int("axis", 0))
+    a = const_array(node.inputs[0], depth)
+    if a is None or a.size > 1 << 20:
+        return None
+    try:
+        if node.op_type == "Identity":
+            return a
+        if node.op_type == "Cast":
+            return a.astype(ir.DataType(node.attributes.get_int("to")).numpy())
+        if node.op_type == "CastLike":
+            like = node.inputs[1]
+            if like is None or like.dtype is None:
+                # unknown target type: a float constant keeps its value; folds cast to the weights' dtype
+                return a if np.issubdtype(a.dtype, np.floating) else None
+            return a.astype(like.dtype.numpy())
+        second = const_array(node.inputs[1], depth) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if node.op_type == "Gather":
+            return None if second is None else np.take(a, second.astype(np.int64), axis=node.attributes.get_int("axis", 0))
+        if node.op_type == "Slice":
+            args = [const_array(v, depth) if v is not None else None for v in node.inputs[1:5]]
+            if any(x is None for x in args[:2]) or any(v is not None and x is None for v, x in zip(node.inputs[3:5], args[2:])):
+                return None
+            starts, ends = args[0].reshape(-1), args[1].reshape(-1)
+            axes = args[2].reshape(-1) if len(args) > 2 and args[2] is not None else np.arange(starts.size)
+            steps = args[3].reshape(-1) if len(args) > 3 and args[3] is not None else np.ones(starts.size, np.int64)
+            index = [slice(None)] * a.ndim
+            for st, en, ax, sp in zip(starts, ends, axes, steps):
+                index[int(ax) % a.ndim] = slice(int(st), int(max(min(en, 2**62), -(2**62))), int(sp))
+            return a[tuple(index)]
+        if node.op_type == "Expand":
+            if second is None:
+                return None
+            shape = tuple(int(d) for d in second.reshape(-1))
+            return np.broadcast_to(a, np.broadcast_shapes(a.shape, shape)).copy()
+        if node.op_type == "Reshape":
+            if second is None:
+                return None
+            shape = [int(d) for d in second.reshape(-1)]
+            if not node.attributes.get_int("allowzero", 0):
+                shape = [a.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+            return a.reshape(shape)
+        axes = second if second is not None else (
+            np.array(node.attributes.get_ints("axes")) if "axes" in node.attributes else None)
+        if node.op_type == "Unsqueeze":
+            if axes is None:
+                return None
+            out = a
+            rank = a.ndim + axes.size
+            for ax in sorted(int(x) % rank for x in axes.reshape(-1)):
+                out = np.expand_dims(out, ax)
+            return out
+        return np.squeeze(a) if axes is None else np.squeeze(a, tuple(int(x) % a.ndim for x in axes.reshape(-1)))
+    except (ValueError, TypeError, IndexError):
+        return None

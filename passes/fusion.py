@@ -53,13 +53,14 @@ matched on ONNX operators, never on names, so models from any exporter qualify.
     Decomposed activations become the single ONNX operator every backend (TVM, onnxruntime,
     TensorRT) lowers to one fused kernel: ``Clip(x + 3, 0, 6) / 6`` (or ``* 1/6``) and
     ``Relu6(x+3)/6`` written as ``Min(Max(x+3, 0), 6)`` -> ``HardSigmoid(alpha=1/6, beta=1/2)``;
-    ``x * HardSigmoid(x; 1/6, 1/2)`` -> ``HardSwish(x)`` (opset >= 14);
+    ``x * HardSigmoid(x; 1/6, 1/2)`` and ``(x * Clip(x + 3, 0, 6)) / 6`` -> ``HardSwish(x)`` (opset >= 14);
     ``Clip(x, 0, +inf)`` / ``Max(x, 0)`` -> ``Relu(x)``.
 
 ``fuse``
     Runs the recommended order to a fixed point: ``remove-identity``, ``cancel-transpose-reshape``,
-    ``fold-pad``, ``reparam``, ``fold-bn``, ``fold-scale``, ``collapse-linear``,
-    ``matmul-add-to-gemm``, ``fuse-activation``, ``dce``.
+    ``fold-pad``, ``reparam``, ``fuse-activation`` (before ``fold-scale`` moves the ``/6`` of a
+    decomposed HardSwish into the next Conv), ``fold-bn``, ``fold-scale``, ``collapse-linear``,
+    ``matmul-add-to-gemm``, ``dce``.
 """
 
 from __future__ import annotations
@@ -106,11 +107,11 @@ FUSE_ORDER = (
     "cancel-transpose-reshape",
     "fold-pad",
     "reparam",
+    "fuse-activation",
     "fold-bn",
     "fold-scale",
     "collapse-linear",
     "matmul-add-to-gemm",
-    "fuse-activation",
     "dce",
 )
 
@@ -634,6 +635,9 @@ class FuseActivation(Pass):
                 self._hard_sigmoid(graph, node, stats)
         if opset >= 14:
             for node in list(graph):
+                if node.graph is graph and is_op(node, "Div", "Mul"):
+                    self._hard_swish_scaled(graph, node, stats)
+            for node in list(graph):
                 if node.graph is graph and is_op(node, "Mul"):
                     self._hard_swish(graph, node, stats)
         return self.result(model, stats)
@@ -663,6 +667,38 @@ class FuseActivation(Pass):
         hs = ir.node("HardSigmoid", [split2[0]], {"alpha": _SIXTH, "beta": 0.5}, name=f"{node_label(node)}_hsig")
         replace_with_node(graph, node, [add, clip, node], [hs], node.outputs[0], hs.outputs[0])
         stats.count("hard-sigmoid")
+
+    @staticmethod
+    def _hard_swish_scaled(graph: ir.Graph, node: ir.Node, stats: PassStats) -> bool:
+        """``(x * Clip(x + 3, 0, 6)) / 6`` (or ``* 1/6``) -> HardSwish(x)."""
+        split = split_const_operand(node)
+        if split is None:
+            return False
+        m_out, c, ci = split
+        if c.size != 1 or (node.op_type == "Div" and ci == 0):
+            return False
+        k = float(c.reshape(-1)[0])
+        if k == 0 or not math.isclose(1.0 / k if node.op_type == "Div" else k, _SIXTH, rel_tol=1e-6):
+            return False
+        mul = m_out.producer()
+        if not is_op(mul, "Mul") or single_use_by(m_out, node) is not None:
+            return False
+        for x, h in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
+            clip = h.producer() if h is not None else None
+            if _clip_bounds(clip) != (0.0, 6.0) or single_use_by(h, mul) is not None:
+                continue
+            add_out = clip.inputs[0]
+            add = add_out.producer()
+            if not is_op(add, "Add") or single_use_by(add_out, clip) is not None:
+                continue
+            split2 = split_const_operand(add)
+            if split2 is None or split2[0] is not x or split2[1].size != 1 or float(split2[1].reshape(-1)[0]) != 3.0:
+                continue
+            new = ir.node("HardSwish", [x], name=f"{node_label(node)}_hswish")
+            replace_with_node(graph, node, [add, clip, mul, node], [new], node.outputs[0], new.outputs[0])
+            stats.count("hard-swish")
+            return True
+        return False
 
     @staticmethod
     def _hard_swish(graph: ir.Graph, node: ir.Node, stats: PassStats) -> None:

@@ -211,9 +211,10 @@ def test_fuse_activation_hard_swish_and_relu() -> None:
                 tensor("six", np.array(6.0, np.float32)), tensor("inf", np.array(np.inf, np.float32))]
     hs = b.op("Div", [b.op("Clip", [b.op("Add", ["x", "three"]), "zero", "six"]), "six"])
     y = b.op("Clip", [b.op("Mul", ["x", hs]), "zero", "inf"])
-    proto = b.model([("x", (2, 3, 4, 4))], [(y, (2, 3, 4, 4))])
+    z = b.op("Div", [b.op("Mul", ["x", b.op("Clip", [b.op("Add", ["x", "three"]), "zero", "six"])]), "six"])  # torch's form
+    proto = b.model([("x", (2, 3, 4, 4))], [(y, (2, 3, 4, 4)), (z, (2, 3, 4, 4))])
     result, got = run_pass(proto, "fuse-activation")
-    assert ops(got) == {"HardSwish": 1, "Relu": 1}, result.stats.matched
+    assert ops(got) == {"HardSwish": 2, "Relu": 1}, result.stats.matched
     # inputs around the kinks (-3, 0, 3) are exercised by the standard normal * several sigma
     assert_equivalent(proto, got)
 
@@ -349,3 +350,16 @@ def test_initializers_that_are_graph_inputs_are_not_folded() -> None:
     result, got = run_pass(proto, "fuse")
     assert not result.stats.matched and ops(got) == ops(proto)
     assert "also graph inputs" in result.stats.notes[0]
+
+
+def test_bias_built_from_shape_ops_counts_as_constant() -> None:
+    """Unoptimized exports write a zero bias as Expand(CastLike(0, x), [C]); it is still constant."""
+    b = Builder(np.random.default_rng(25))
+    b.inits += [tensor("zero", np.array(0.0, np.float32)), tensor("cshape", np.array([4], np.int64))]
+    bias = b.op("Expand", [b.op("CastLike", ["zero", "x"]), "cshape"])
+    w = b.init("w", b.rng.standard_normal((4, 3, 3, 3)))
+    y = b.bn(b.op("Conv", ["x", w, bias], pads=[1, 1, 1, 1]), 4)
+    proto = b.model([("x", (1, 3, 6, 6))], [(y, (1, 4, 6, 6))])
+    result, got = run_pass(proto, "fuse")
+    assert ops(got) == {"Conv": 1}, result.stats.rejected
+    assert_equivalent(proto, got)

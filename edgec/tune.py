@@ -165,10 +165,25 @@ def tune_model(
 
     target = config.target
     target.toolchain.check()
+    local_ok = target.runs_on_host or (target.device == "cuda" and target.arch == _host_arch())
+    if config.rpc is None and not local_ok:
+        raise InputError(
+            f"{target.name} code cannot run on this host, so candidates must be timed on the device",
+            "add --tracker HOST:PORT --key KEY (boards run python -m tvm.exec.rpc_server --tracker ...)",
+        )
     start = time.perf_counter()
-    mod = tuning_module(model, target, config.input_shapes)
-    tvm_target = tvm.target.Target(tuning_config(target, config))
-    extracted = ms.relax_integration.extract_tasks(mod, tvm_target)
+    try:
+        mod = tuning_module(model, target, config.input_shapes)
+        tvm_target = tvm.target.Target(tuning_config(target, config))
+        extracted = ms.relax_integration.extract_tasks(mod, tvm_target)
+    except EdgecError:
+        raise
+    except Exception as exc:
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        raise EdgecError(
+            f"TVM could not prepare the model for tuning on {target.name}: {type(exc).__name__}: {lines[-1] if lines else ''}",
+            "check that `edgec compile` works for this model and target first",
+        ) from None
     if not extracted:
         raise EdgecError("the model has no TIR function to tune", "compile it directly with `edgec compile`")
     db_dir = Path(config.db)
@@ -209,13 +224,8 @@ def tune_model(
             session_timeout_sec=int(max(config.runner_timeout_s, 10)),
         )
         runner: Any = ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator)
-    elif target.runs_on_host or (target.device == "cuda" and target.arch == _host_arch()):
-        runner = ms.runner.LocalRunner(timeout_sec=config.runner_timeout_s, evaluator_config=evaluator)
     else:
-        raise InputError(
-            f"{target.name} code cannot run on this host, so candidates must be timed on the device",
-            "add --tracker HOST:PORT --key KEY (boards run python -m tvm.exec.rpc_server --tracker ...)",
-        )
+        runner = ms.runner.LocalRunner(timeout_sec=config.runner_timeout_s, evaluator_config=evaluator)
     database = open_database(db_dir)
     ms.tune.tune_tasks(
         tasks=contexts,

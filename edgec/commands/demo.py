@@ -30,11 +30,13 @@ def demo_passes(available: set[str]) -> list[str]:
 Examples:
   edgec demo                                  # MobileNetV2 on this machine's CPU
   edgec demo --model resnet18
+  edgec demo --model mcunet --resolution 96
   edgec demo --db tuning/                     # with schedules from `edgec tune`
   edgec demo --target cortex-a72 --rpc 192.168.1.20:9090    # compile for a Pi 4, measure there
   edgec demo --json
 """)
 @click.option("--model", "model_name", default="mobilenet_v2", show_default=True, help="Zoo model (`edgec models`).")
+@click.option("--resolution", type=int, default=None, help="Input resolution for zoo models that take one (default: the model's).")
 @click.option("-t", "--target", "target_name", default="host", show_default=True, help="Compile target (`edgec targets`).")
 @click.option("--arch", default=None, help="CUDA compute capability for CUDA targets.")
 @click.option("--rpc", "rpc_addr", default=None, metavar="HOST:PORT", help="Measure on this TVM RPC server (non-host targets).")
@@ -44,7 +46,7 @@ Examples:
 @click.option("--repeat", type=int, default=10, show_default=True, help="Latency samples.")
 @click.option("--number", type=int, default=3, show_default=True, help="Runs averaged into one sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def command(model_name: str, target_name: str, arch: str | None, rpc_addr: str | None, db: Path | None, output: Path,
+def command(model_name: str, resolution: int | None, target_name: str, arch: str | None, rpc_addr: str | None, db: Path | None, output: Path,
             repeat: int, number: int, as_json: bool) -> None:
     """Export a zoo model, optimize it, compile it with TVM, check it and measure it.
 
@@ -75,7 +77,7 @@ def command(model_name: str, target_name: str, arch: str | None, rpc_addr: str |
         task = prog.add_task("export", total=4)
 
         t = time.perf_counter()
-        proto = export_zoo_model(model_name)
+        proto = export_zoo_model(model_name, **({"resolution": resolution} if resolution else {}))
         model = eir.from_proto(proto)
         eir.save_proto(proto, output / f"{model_name}.onnx")
         rows.append(("export", f"{model_name} -> ONNX: {eir.count_nodes(model)} nodes, {eir.count_params(model):,} params",

@@ -230,13 +230,18 @@ def flatten_outputs(result: Any) -> list[np.ndarray]:
     return flat
 
 
-def _write_artifact_dir(out_dir: Path) -> Path:
+def _check_output_dir(out_dir: Path) -> Path:
+    """The folder the artifact goes in must not hold anything but a previous artifact."""
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
     if not parent.exists():
         raise InputError(f"{parent}: output directory does not exist", "create it first")
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists())):
         raise InputError(f"{out_dir}: exists and is not an edgec artifact", "give a new or empty folder, or a previous build")
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
+    return parent
+
+
+def _write_artifact_dir(out_dir: Path) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=_check_output_dir(out_dir)))
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
@@ -266,6 +271,7 @@ def compile_model(
     if config.database is not None and not Path(config.database).is_dir():
         raise InputError(f"{config.database}: tuning database folder not found", "create one with `edgec tune MODEL --db DIR`")
     out = Path(out_dir)
+    _check_output_dir(out)  # before minutes of building
     stages: list[Stage] = []
 
     def stage(name: str, detail: str, start: float) -> None:

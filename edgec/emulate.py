@@ -290,7 +290,7 @@ def _run_script(paths: BoardPaths, progress: Progress) -> None:
     for line in proc.stdout:
         line = line.rstrip()
         tail = (tail + [line])[-15:]
-        if line.startswith("arm_board: "):
+        if line.startswith("arm_board: ") and not line.startswith("arm_board: rootfs cached"):
             progress(line.removeprefix("arm_board: "))
     if proc.wait() != 0:
         raise BoardError(f"{SCRIPT.name} failed: " + (tail[-1] if tail else f"exit {proc.returncode}"),

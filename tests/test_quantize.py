@@ -363,3 +363,31 @@ def test_builtin_digits_dataset() -> None:
     assert train.labels is not None and set(train.labels.tolist()) == set(range(10))
     x = np.concatenate([s.arrays[0] for s in test.samples])
     assert x.shape == (450, 1, 16, 16) and -1.0 <= x.min() and x.max() <= 1.0
+
+
+@pytest.mark.slow
+def test_tvm_builds_match_onnxruntime_int8(tmp_path: Path) -> None:
+    """The QDQ model imports into TVM; the host build matches onnxruntime's int8 output and the
+    arm64 library cross-compiles (running it needs the emulated board: bench/quant_tvm.py --rpc)."""
+    import tvm
+
+    from edgec.compile import import_onnx, run_local
+    from edgec.targets import get_target
+
+    model = tiny_cnn()
+    quant = quantize_model(model, gaussian_set((1, 3, 16, 16), 16, 0)).model
+    specs = verify.input_specs(quant)
+    r = np.random.default_rng()
+    feeds = [{"x": r.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(3)]
+    ref = [verify.run(quant, f)[0] for f in feeds]
+    mod = import_onnx(quant, specs)
+    host = tvm.compile(mod, tvm.target.Target({"kind": "llvm"}))
+    got = [o[0] for o in run_local(host, "cpu", feeds, ["x"])]
+    out_scale = float(np.ptp(np.stack(ref))) / 255
+    for g, f in zip(got, ref, strict=True):
+        assert np.abs(g - f).max() <= out_scale  # within one 8-bit output step (rounding ties differ at most)
+    arm = get_target("cortex-a72")
+    with arm.tvm_target(), tvm.transform.PassContext(opt_level=3):
+        ex = tvm.compile(import_onnx(quant, specs), arm.tvm_target())
+    ex.export_library(str(tmp_path / "model.so"), fcompile=arm.toolchain.fcompile())
+    assert (tmp_path / "model.so").read_bytes()[:4] == b"\x7fELF"

@@ -1,0 +1,190 @@
+"""edgec's CPU schedule library keeps the numbers of every operator form it schedules.
+
+Each case builds a small ONNX graph (conv2d pointwise / dense / strided / depthwise / grouped,
+narrow and odd channel counts, odd widths, fused BN + ReLU6 + residual epilogues, Gemm, pooling,
+global mean), compiles it with :func:`edgec.schedules.compile_module` on the host CPU and compares
+with onnxruntime on fresh random inputs.  It also checks the rules really fired (the reduction
+functions carry a parallel loop and a vectorized loop), so a rule that silently stops applying
+fails here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from graphs import make_model, tensor
+from onnx import helper
+
+RTOL = 1e-4
+
+
+def _host():
+    from edgec.schedules.cpu import cpu_params  # noqa: F401 - import check
+    from edgec.targets import get_target
+
+    return get_target("host").tvm_target()
+
+
+def _run_both(model, shape, seed):
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgec.schedules import compile_module
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {"x": x})[0]
+    ex = compile_module(from_onnx(model, keep_params_in_input=False), _host())
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))
+    y = out.numpy() if hasattr(out, "numpy") else out[0].numpy()
+    return y, ref
+
+
+def _scheduled_funcs(model):
+    """The scheduled TIR functions (name -> script) the pipeline produces for ``model``."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgec import schedules
+
+    target = _host()
+    mod = from_onnx(model, keep_params_in_input=False)
+    with target:
+        seq = schedules.layout_passes(target) + cpu.legalize_passes(target) + [schedules.default_schedule_pass(target)]
+        mod = tvm.transform.Sequential(seq)(mod)
+    return {gv.name_hint: f.script() for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def conv_block(cin, cout, k, stride, groups, hw, *, bn=True, clip=True, residual=False, seed=0):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((cout, cin // groups, k, k)) / np.sqrt(cin // groups * k * k)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    pad = (k - 1) // 2
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], strides=[stride] * 2, pads=[pad] * 4, group=groups)]
+    inits = [tensor("w", w), tensor("b", b)]
+    last = "c"
+    if bn:
+        inits += [
+            tensor("g", rng.uniform(0.5, 1.5, cout).astype(np.float32)),
+            tensor("be", rng.standard_normal(cout).astype(np.float32)),
+            tensor("m", rng.standard_normal(cout).astype(np.float32) * 0.1),
+            tensor("v", rng.uniform(0.5, 1.5, cout).astype(np.float32)),
+        ]
+        nodes.append(helper.make_node("BatchNormalization", [last, "g", "be", "m", "v"], ["bn"]))
+        last = "bn"
+    if residual:
+        nodes.append(helper.make_node("Add", [last, "x"], ["res"]))
+        last = "res"
+    if clip:
+        inits += [tensor("lo", np.array(0.0, np.float32)), tensor("hi", np.array(6.0, np.float32))]
+        nodes.append(helper.make_node("Clip", [last, "lo", "hi"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", [last], ["y"]))
+    ho = (hw + 2 * pad - k) // stride + 1
+    return make_model(nodes, [("x", (1, cin, hw, hw))], [("y", (1, cout, ho, ho))], inits)
+
+
+CONV_CASES = {
+    # name: (cin, cout, k, stride, groups, hw, extra)
+    "pointwise": (32, 48, 1, 1, 1, 14, {}),
+    "pointwise_residual": (24, 24, 1, 1, 1, 7, {"residual": True}),
+    "pointwise_narrow_out": (16, 24, 1, 1, 1, 9, {"clip": False}),
+    "dense3x3_rgb_stride2": (3, 16, 3, 2, 1, 17, {}),
+    "dense3x3": (16, 32, 3, 1, 1, 13, {"bn": False}),
+    "depthwise3x3": (32, 32, 3, 1, 32, 15, {}),
+    "depthwise3x3_stride2": (48, 48, 3, 2, 48, 16, {}),
+    "depthwise5x5_odd_channels": (20, 20, 5, 1, 20, 11, {}),
+    "grouped": (32, 32, 3, 1, 4, 8, {}),
+    "odd_channels": (5, 7, 3, 1, 1, 6, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv_forms_match_onnxruntime(case):
+    cin, cout, k, stride, groups, hw, extra = CONV_CASES[case]
+    model = conv_block(cin, cout, k, stride, groups, hw, **extra)
+    for seed in (1, 2):
+        y, ref = _run_both(model, (1, cin, hw, hw), seed)
+        assert y.shape == ref.shape
+        scale = max(float(np.abs(ref).max()), 1e-6)
+        assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * scale, case
+
+
+def head_model(cin=40, hw=7, classes=10, seed=0, pool="mean"):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((classes, cin)) / np.sqrt(cin)).astype(np.float32)
+    b = rng.standard_normal(classes).astype(np.float32)
+    if pool == "mean":
+        p = helper.make_node("ReduceMean", ["x"], ["p"], axes=[2, 3], keepdims=1)
+        extra = []
+    else:
+        p = helper.make_node("MaxPool", ["x"], ["mp"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+        extra = []
+    nodes = [p]
+    src = "p"
+    if pool != "mean":
+        nodes.append(helper.make_node("ReduceMean", ["mp"], ["p"], axes=[2, 3], keepdims=1))
+    nodes += [
+        helper.make_node("Flatten", [src], ["f"]),
+        helper.make_node("Gemm", ["f", "w", "b"], ["y"], transB=1),
+    ]
+    return make_model(nodes, [("x", (1, cin, hw, hw))], [("y", (1, classes))], [tensor("w", w), tensor("b", b), *extra])
+
+
+@pytest.mark.parametrize("pool", ["mean", "maxpool"])
+def test_pool_and_gemm_match_onnxruntime(pool):
+    model = head_model(pool=pool)
+    y, ref = _run_both(model, (1, 40, 7, 7), 3)
+    assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max())
+
+
+def test_rules_fire_on_every_conv_form():
+    """Every conv/pool/gemm function is scheduled by the register-tiled rule: parallel + vector."""
+    for case in ("pointwise", "depthwise3x3_stride2", "dense3x3_rgb_stride2", "grouped"):
+        cin, cout, k, stride, groups, hw, extra = CONV_CASES[case]
+        funcs = _scheduled_funcs(conv_block(cin, cout, k, stride, groups, hw, **extra))
+        convs = {n: s for n, s in funcs.items() if "conv2d" in n}
+        assert convs, (case, list(funcs))
+        for name, script in convs.items():
+            assert "T.parallel" in script, (case, name)
+            assert "T.vectorized" in script, (case, name)
+            assert '"local"' in script, (case, name)  # accumulator tile
+            assert "transpose" not in name, (case, name)  # epilogue stayed channels-last
+    funcs = _scheduled_funcs(head_model())
+    gemm = [s for n, s in funcs.items() if "matmul" in n]
+    assert gemm and all("T.parallel" in s and "T.vectorized" in s for s in gemm)
+
+
+def test_clip_is_fused_into_conv():
+    funcs = _scheduled_funcs(conv_block(16, 32, 1, 1, 1, 8))
+    names = list(funcs)
+    assert any("conv2d" in n and "minimum" in n for n in names), names
+    assert not any("transpose" in n and "maximum" in n for n in names), names
+
+
+def test_no_schedule_for_non_cpu_targets():
+    import tvm
+
+    from edgec import schedules
+
+    cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    assert schedules.default_schedule_pass(cuda) is None
+    assert schedules.layout_passes(cuda) == []
+
+
+def test_cpu_params_per_family():
+    import tvm
+
+    from edgec.schedules.cpu import cpu_params
+
+    avx512 = cpu_params(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}))
+    avx2 = cpu_params(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+    neon = cpu_params(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}))
+    assert (avx512.lanes(32), avx512.registers) == (16, 32)
+    assert (avx2.lanes(32), avx2.registers) == (8, 16)
+    assert (neon.lanes(32), neon.registers) == (4, 32)

@@ -491,8 +491,7 @@ def _spawn(config: BoardConfig, progress: Progress) -> tuple[Board, subprocess.P
 
     port = config.port
     paths = config.paths
-    root = prepare(config.arch, progress, config.cache)
-    _check_can_run()
+    # Cheap checks first: a busy port or a tracker that is down fail before any rootfs work.
     old = _pid_file(paths, port)
     if old.exists():
         prev = next((b for b in list_boards(paths) if b.port == port), None)
@@ -509,6 +508,8 @@ def _spawn(config: BoardConfig, progress: Progress) -> tuple[Board, subprocess.P
         tracker_addr = parse_address(config.tracker, "--tracker")
         progress(f"checking the tracker at {config.tracker}")
         tracker_summary(*tracker_addr, timeout=10.0)  # raises RemoteError when it is not up
+    root = prepare(config.arch, progress, config.cache)
+    _check_can_run()
 
     argv = [PYTHON_IN_ROOT, "-m", "tvm.exec.rpc_server", "--host", config.host, "--port", str(port), "--port-end", str(port + 1)]
     if config.tracker:

@@ -259,3 +259,21 @@ def test_emulated_label_only_for_local_boards(tmp_path: Path, monkeypatch: pytes
     assert em.emulated_label(Remote.tracker("127.0.0.1:9190", key="other")) is None
     assert em.emulated_label(Remote.direct(f"127.0.0.1:{port}")) is None  # registered at a tracker, not direct
     assert em.emulated_label(Remote.direct(f"10.1.2.3:{port}")) is None
+
+
+def test_emulate_fails_fast_when_tracker_is_down_or_port_busy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli) -> None:
+    monkeypatch.setenv("EDGEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(em, "prepare", lambda *a, **k: pytest.fail("prepare() reached before the cheap checks"))
+    t = time.monotonic()
+    code, _, err = run_cli("device", "emulate", "arm64", "--port", str(em.free_port()), "--tracker",
+                           f"127.0.0.1:{em.free_port()}", "--key", "k")
+    assert code != 0 and "tracker" in err and "Traceback" not in err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        code, _, err = run_cli("device", "emulate", "arm64", "--port", str(busy.getsockname()[1]))
+    assert code != 0 and "in use" in err
+    assert time.monotonic() - t < 30
+    code, _, err = run_cli("device", "emulate", "arm64", "--key", "k")
+    assert code != 0 and "--tracker" in err
+    assert not list(tmp_path.rglob("*.json"))  # no pid file left behind

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         feed = random_inputs(specs, np.random.default_rng(0))
         ms = time_sessions([_session(m, args.threads) for m in (fp32, q_u8, q_s8)], feed, args.runs)
         rows.append((name, "x".join(map(str, specs[0].shape[2:])), ms[0], ms[1], ms[0] / ms[1], ms[2], ms[0] / ms[2]))
+        console.info(f"{name}: fp32 {ms[0]:.2f} ms, u8/s8 {ms[1]:.2f} ms ({ms[0] / ms[1]:.2f}x), s8/s8 {ms[2]:.2f} ms ({ms[0] / ms[2]:.2f}x)")
     console.out.print(console.table(
         f"onnxruntime {args.threads} threads: fp32 vs int8 QDQ (median ms; speedup = fp32 / int8)",
         ["model", "input", "fp32 ms", "u8/s8 ms", "speedup u8/s8", "s8/s8 ms", "speedup s8/s8"], rows))

@@ -207,7 +207,7 @@ def _export_dynamo(module, example, opset: int, dynamic_batch: bool, n_out: int,
     proto = program.model_proto
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if got != opset:
-        raise RuntimeError(f"it produced opset {got}, not the requested {opset}")
+        raise RuntimeError(f"it could not convert the model to opset {opset}; it produced opset {got}")
     return proto
 
 
@@ -286,8 +286,8 @@ def export(
 
     if not isinstance(module, torch.nn.Module):
         raise ModelLoadError(
-            f"the factory returned {type(module).__name__}, not a torch.nn.Module",
-            "return an nn.Module instance from the factory",
+            f"expected a torch.nn.Module to export, got {type(module).__name__}",
+            "pass an nn.Module instance",
         )
     shape = tuple(int(d) for d in input_shape)
     if not shape or any(d <= 0 for d in shape):

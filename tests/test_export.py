@@ -97,6 +97,28 @@ def test_export_falls_back_to_torchscript_with_a_reason() -> None:
     assert next(o.version for o in res.model.opset_import if o.domain == "") == 17
 
 
+def test_cli_export_repvgg_training_and_deploy_forms(run_cli, tmp_path: Path) -> None:
+    """Two more zoo models through the CLI: RepVGG-A0's training form and its deploy form."""
+    outs = {}
+    for form, extra in (("train", []), ("deploy", ["--arg", "deploy=true", "--dynamic-batch"])):
+        out = tmp_path / f"repvgg_{form}.onnx"
+        code, stdout, stderr = run_cli("export", "repvgg_a0", "-o", str(out), "--arg", "resolution=64", *extra)
+        assert code == 0, stderr
+        assert "ONNX vs PyTorch: ok" in stdout and "max rel" in stdout
+        outs[form] = onnx.load(str(out))
+    train, deploy = outs["train"], outs["deploy"]
+    assert verify.output_specs(train)[0].shape == (1, 1000)
+    assert verify.output_specs(deploy)[0].shape[1:] == (1000,)
+    assert len(deploy.graph.node) < len(train.graph.node) // 2
+    train_ops, deploy_ops = _ops(train), _ops(deploy)
+    assert train_ops.count("BatchNormalization") == 22 + 22 + 17  # 3x3, 1x1 and identity branches
+    assert "BatchNormalization" not in deploy_ops and deploy_ops.count("Conv") == deploy_ops.count("Relu") == 22
+    x = np.random.default_rng().standard_normal((3, 3, 64, 64)).astype(np.float32)
+    y = verify.run(deploy, {"input": x})[0]  # dynamic batch
+    assert y.shape == (3, 1000) and np.isfinite(y).all()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "extra"),
     [("mcunet", ["--arg", "resolution=64"]), ("resnet18", ["--input-shape", "1,3,64,64", "--dynamic-batch"])],

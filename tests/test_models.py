@@ -37,7 +37,12 @@ def dataclasses_error():
     return dataclasses.FrozenInstanceError
 
 
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize(
+    "name",
+    # mobileone_s0's training form is the heaviest to calibrate; test_reparameterize_keeps_outputs
+    # builds and runs it in the default suite (at 32 px)
+    [pytest.param(n, marks=pytest.mark.slow) if n == "mobileone_s0" else n for n in ZOO],
+)
 def test_model_builds_and_runs(name: str) -> None:
     spec = models.get(name)
     net = spec.build(resolution=SMALL)
@@ -99,7 +104,8 @@ def test_reparameterize_keeps_outputs(name: str) -> None:
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("name", ["repvgg_a0", pytest.param("mobileone_s0", marks=pytest.mark.slow)])
+@pytest.mark.slow  # repvgg_a0's forms are compared through the CLI in test_export.py
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])
 def test_deploy_form_has_fewer_nodes(name: str, zoo_onnx) -> None:
     train = zoo_onnx(name, resolution=SMALL)
     deploy = zoo_onnx(name, resolution=SMALL, deploy=True)

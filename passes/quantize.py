@@ -857,10 +857,11 @@ def quantize_model(
     if config.max_drop is not None:
         order = [s.node for s in sorted(sens, key=lambda s: s.sqnr_db)]
         while report_eval.drop is not None and report_eval.drop > config.max_drop and order:
+            candidate = make_plan(proto, [*float_layers, order[0]])
+            if not candidate.layers:
+                break  # keep at least one int8 layer; the report says the budget is not met
             float_layers.append(order.pop(0))
-            plan = make_plan(proto, float_layers)
-            if not plan.layers:
-                break
+            plan = candidate
             built, corrected = _build_with_bias(proto, plan, cal, config, data)
             report_eval = evaluate(proto, built.model, eval_data, float_eval)
             if progress:

@@ -56,7 +56,7 @@ class TuneConfig:
     db: Path
     trials_per_iter: int = 16
     rpc: Remote | None = None
-    builder_timeout_s: float = 120.0
+    builder_timeout_s: float = 600.0  # candidates build in seconds on an idle host, minutes on a loaded one
     runner_timeout_s: float = 60.0
     number: int = 3
     repeat: int = 1

@@ -27,7 +27,7 @@ Cost: about 35 s per tuning task on a 2-core host whatever the trials (MobileNet
 @click.option("--key", default=None, help="Device key at the tracker.")
 @click.option("--cores", type=int, default=None, help="Cores the schedules plan for (default: this host's, or 4 on a board).")
 @click.option("--per-iter", type=int, default=16, show_default=True, help="Candidates measured per batch.")
-@click.option("--builder-timeout", type=float, default=120.0, show_default=True, help="Seconds allowed to build one candidate.")
+@click.option("--builder-timeout", type=float, default=600.0, show_default=True, help="Seconds allowed to build one candidate.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,..", help="Static shape of a dynamic input.")
 @click.option("--seed", type=int, default=None, help="Search seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

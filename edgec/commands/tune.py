@@ -58,7 +58,11 @@ def command(model: Path, target_name: str, arch: str | None, trials: int, db: Pa
             prog.update(task, completed=min(ev.trials_done, trials),
                         description=f"tuning {ev.tasks_measured}/{ev.tasks_total} tasks, best model estimate {best}")
 
-        result = tune_model(proto, config, on_event)
+        import contextlib
+        import sys
+
+        with contextlib.redirect_stdout(sys.stderr):  # MetaSchedule logs to stdout; keep it for tables/JSON
+            result = tune_model(proto, config, on_event)
     if as_json:
         console.print_json(result.to_json())
         return

@@ -188,3 +188,27 @@ def test_cpu_params_per_family():
     assert (avx512.lanes(32), avx512.registers) == (16, 32)
     assert (avx2.lanes(32), avx2.registers) == (8, 16)
     assert (neon.lanes(32), neon.registers) == (4, 32)
+
+
+def test_mean_with_quantize_epilogue_matches_onnxruntime():
+    """NCHW global mean whose epilogue (quantize/dequantize) has only extent-1 loops of its own.
+
+    Regression: the epilogue's vectorization used to split the shared parallel loop that also
+    holds the reduction, and the int8 model's outputs were wrong.
+    """
+    rng = np.random.default_rng(5)
+    cin, classes = 8, 10
+    w = (rng.standard_normal((classes, cin)) / np.sqrt(cin)).astype(np.float32)
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+        helper.make_node("QuantizeLinear", ["p", "s", "z"], ["pq"]),
+        helper.make_node("DequantizeLinear", ["pq", "s", "z"], ["pd"]),
+        helper.make_node("Flatten", ["pd"], ["f"]),
+        helper.make_node("Gemm", ["f", "w"], ["y"], transB=1),
+    ]
+    inits = [tensor("w", w), tensor("s", np.array(0.01, np.float32)), tensor("z", np.array(128, np.uint8))]
+    model = make_model(nodes, [("x", (1, cin, 4, 4))], [("y", (1, classes))], inits)
+    for seed in (1, 2):
+        y, ref = _run_both(model, (1, cin, 4, 4), seed)
+        # one quantization step of the pooled value may round differently: at most s * |w| per logit
+        assert float(np.abs(y - ref).max()) <= 0.01 * float(np.abs(w).sum(axis=1).max()) + 1e-5

@@ -95,9 +95,19 @@ def tvm_dtype_bits(dtype: Any) -> int:
     return int(tvm.runtime.DataType(str(dtype)).bits)
 
 
-def _vectorize_tail(sch: Any, block: Any, lanes: int) -> None:
-    """Vectorize the innermost loop of ``block`` by ``lanes`` if its extent allows."""
+def _vectorize_tail(sch: Any, block: Any, lanes: int, below: Any | None = None) -> None:
+    """Vectorize the innermost loop of ``block`` by ``lanes`` if its extent allows.
+
+    ``below``: the loop ``block`` was computed at; only loops nested under it are ``block``'s own.
+    When every own loop had extent 1 (e.g. a per-channel epilogue of a global mean in NCHW) the
+    innermost loop is the shared parallel loop, which also holds the reduction: vectorizing that
+    would vectorize the reduction's loop nest, so nothing is done.
+    """
     loops = sch.get_loops(block)
+    if below is not None:
+        anchor = sch.get(below)
+        idx = [i for i, lp in enumerate(loops) if sch.get(lp).same_as(anchor)]
+        loops = loops[idx[0] + 1 :] if idx else loops
     if not loops:
         return
     inner = loops[-1]
@@ -204,11 +214,11 @@ def schedule_reduction(func: Any, target: Any) -> Any | None:
     if epilogue is not None:
         sch.set_scope(main, 0, "local")
         sch.reverse_compute_at(epilogue, fused)
-        _vectorize_tail(sch, epilogue, lanes)
+        _vectorize_tail(sch, epilogue, lanes, below=fused)
     else:
         wb = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(wb, fused)
-        _vectorize_tail(sch, wb, lanes)
+        _vectorize_tail(sch, wb, lanes, below=fused)
     init = sch.decompose_reduction(main, reduce[0])
     init_loops = sch.get_loops(init)
     if v > 1:

@@ -298,3 +298,25 @@ def test_tune_configuration_and_refusals(tmp_path: Path, run_cli) -> None:
     onnx.save(small_cnn(np.random.default_rng()), src)
     code, out, err = run_cli("tune", str(src), "--target", "cortex-a72", "--trials", "4", "--db", str(tmp_path / "d"))
     assert code != 0 and "--tracker" in err and "Traceback" not in err
+
+
+@pytest.mark.slow  # MetaSchedule: minutes even for 4 trials (worker pools, builds)
+def test_tune_then_compile_with_the_database(tmp_path: Path, run_cli) -> None:
+    rng = np.random.default_rng()
+    src = tmp_path / "cnn.onnx"
+    proto = small_cnn(rng)
+    onnx.save(proto, src)
+    db = tmp_path / "db"
+    code, out, err = run_cli("tune", str(src), "--target", "host", "--trials", "4", "--per-iter", "4", "--db", str(db), "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["trials_done"] >= 1 and rep["tasks"]
+    assert any(t["best_ms"] is not None for t in rep["tasks"]), rep
+    assert (db / "database_tuning_record.json").stat().st_size > 0
+    # reuse without re-tuning; the tuned build still computes the model
+    res = compile_model(src, tmp_path / "build", CompileConfig(get_target("host"), database=db))
+    assert res.artifact.manifest.database == str(db) and res.verification is not None and res.verification.passed
+    feeds = [vfy.random_inputs(res.artifact.inputs, rng) for _ in range(2)]
+    got = run_local(res.artifact.library, "cpu", feeds, ["x"])
+    sess = vfy.session(proto)
+    assert vfy.compare_outputs([sess.run(None, f) for f in feeds], got, ["logits", "probs"], vfy.Tolerance()).passed

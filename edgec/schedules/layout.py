@@ -69,6 +69,29 @@ def canonicalize_clip() -> Any:
     return _pass
 
 
+def convert_layout_or_keep() -> Any:
+    """``ConvertLayout(CHANNELS_LAST)``, or the module unchanged where TVM cannot convert it.
+
+    TVM 0.27's ConvertLayout fails on some graphs (e.g. ``R.nn.dropout``, whose result is a
+    tuple: "Expected nested to match tuple").  Layout is an optimization, never a requirement:
+    such a model is compiled in its original layout (the schedule rules then use their
+    fallbacks), instead of failing to compile.
+    """
+    import tvm
+    from tvm import relax
+
+    convert = relax.transform.ConvertLayout(CHANNELS_LAST)
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecConvertLayoutOrKeep")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        try:
+            return convert(mod)
+        except (tvm.error.InternalError, tvm.error.DiagnosticError):
+            return mod
+
+    return _pass
+
+
 def channels_last_passes() -> list[Any]:
     """Relax passes to run before legalization: clip canonicalization, NHWC/HWIO, weight folding."""
     from tvm import relax
@@ -78,6 +101,6 @@ def channels_last_passes() -> list[Any]:
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
         canonicalize_clip(),
-        relax.transform.ConvertLayout(CHANNELS_LAST),
+        convert_layout_or_keep(),
         relax.transform.FoldConstant(),
     ]

@@ -54,29 +54,15 @@ def default_schedule_pass(target: Any) -> Any | None:
 
 
 def cpu_pipeline(target: Any) -> Any:
-    """TVM's CPU pipeline (``relax.backend.cpu_generic``) with edgec's layout and schedules.
+    """The compile command's CPU pipeline (``edgec.targets.host.cpu_pipeline``), no database.
 
-    Used by :func:`compile_module` and the benchmarks; the compile command's own pipeline calls
-    :func:`layout_passes` and :func:`default_schedule_pass` at the same two points.
+    It calls :func:`layout_passes` before legalization and :func:`default_schedule_pass` after
+    fusion; kept here so benchmarks and tests can compile a Relax module exactly as
+    ``edgec compile`` does without building an artifact.
     """
-    import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from edgec.targets.host import cpu_pipeline as host_cpu_pipeline
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecScheduledCpuPipeline")
-    def _pipeline(mod: Any, _ctx: Any) -> Any:
-        hook = default_schedule_pass(target)
-        with target:
-            seq = (
-                cpu.library_dispatch_passes(target)
-                + layout_passes(target)
-                + cpu.legalize_passes(target)
-                + ([hook] if hook is not None else [])
-                + cpu.dataflow_lower_passes(target)
-                + cpu.finalize_passes(target)
-            )
-            return tvm.transform.Sequential(seq)(mod)
-
-    return _pipeline
+    return host_cpu_pipeline(target)
 
 
 def compile_module(mod: Any, target: Any) -> Any:

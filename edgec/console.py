@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -26,7 +27,7 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
     for i, c in enumerate(columns):
         t.add_column(c, justify="right" if i >= numeric_from else "left")
     for r in rows:
-        t.add_row(*[fmt(v) for v in r])
+        t.add_row(*[escape(fmt(v)) for v in r])  # cell text is data, never markup
     return t
 
 

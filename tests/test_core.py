@@ -181,3 +181,15 @@ def test_readme_user_pass_example_runs(tmp_path: Path, run_cli) -> None:
     assert code == 0, stderr
     assert "neg-neg: 1" in stdout and "equivalence vs input: ok" in stdout
     assert [n.op_type for n in eir.load_model(tmp_path / "out.onnx").graph] == ["Relu"]
+
+
+def test_table_cells_are_text_not_markup() -> None:
+    from rich.console import Console
+
+    from edgec import console
+
+    c = Console(width=120, record=True)
+    c.print(console.table(None, ["device", "ms"], [["cortex-a72 [emulated]", 1.5], ["[bold]x[/bold]", 2.0]]))
+    text = c.export_text()
+    assert "cortex-a72 [emulated]" in text
+    assert "[bold]x[/bold]" in text

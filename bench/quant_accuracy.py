@@ -9,6 +9,8 @@
 
     python bench/quant_accuracy.py                 # both, every calibration method
     python bench/quant_accuracy.py --only digits --methods percentile
+    python bench/quant_accuracy.py --only photos --methods percentile --target-sqnr 30   # mixed precision
+    python bench/quant_accuracy.py --only photos --bn-stats sklearn-photos              # BN re-estimated on other photos
 """
 
 from __future__ import annotations
@@ -44,20 +46,69 @@ def digits(model_path: Path, methods: list[str], activations: str) -> list[tuple
     return rows
 
 
-def photos(methods: list[str], activations: str, width: float) -> list[tuple]:
-    from edgec.calibration import BuiltinDataset
-    from edgec.export import export_zoo_model
-    from edgec.passes.quantize import QuantConfig, quantize_model
+def sklearn_photo_batch(n: int = 32, size: int = 224, seed: int = 0):
+    """``n`` random crops (30-100 % of the short side, random flips) of scikit-learn's two sample
+    photographs (china.jpg, flower.jpg), ImageNet-normalized: images disjoint from both the
+    ``photos`` (calibration) and ``photos-test`` (evaluation) sets, which are scikit-image's."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from edgec.calibration import Preprocess
+
+    pre = Preprocess()
+    mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
+    rng = np.random.default_rng(seed)
+    images = load_sample_images().images
+    out = []
+    for k in range(n):
+        im = images[k % len(images)]
+        h, w = im.shape[:2]
+        side = rng.uniform(0.3, 1.0) * min(h, w)
+        x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+        crop = Image.fromarray(im).crop((int(x0), int(y0), int(x0 + side), int(y0 + side))).resize((size, size), Image.BILINEAR)
+        a = np.asarray(crop, np.float32) / 255.0
+        if rng.random() < 0.5:
+            a = a[:, ::-1]
+        out.append(((a - mean) / std).transpose(2, 0, 1))
+    return torch.from_numpy(np.ascontiguousarray(np.stack(out)))
+
+
+def mobilenet_v2(width: float, bn_stats: str):
+    """The zoo MobileNetV2 (BN folded).  ``bn_stats="noise"``: the zoo's own BN statistics (seeded N(0, 1)
+    images); ``"sklearn-photos"``: BN running statistics (and the logit scale) re-estimated on
+    :func:`sklearn_photo_batch` -- a data-dependent initialization, still random weights, not a trained model."""
+    from edgec import models
+    from edgec.export import export, export_zoo_model
+    from edgec.models import _common
 
     kwargs = {} if width == 1.0 else {"width_mult": width}
-    proto = export_zoo_model("mobilenet_v2", fold_bn=True, **kwargs)
+    if bn_stats == "noise":
+        return export_zoo_model("mobilenet_v2", fold_bn=True, **kwargs)
+    module = models.get("mobilenet_v2").build(seed=0, **kwargs)
+    x = sklearn_photo_batch()
+    _common.calibrate_batchnorm(module, x)
+    _common.scale_classifier(module, x)
+    return export(module, (1, 3, 224, 224), fold_bn=True, seed=0).model
+
+
+def photos(methods: list[str], activations: str, width: float, bn_stats: str = "noise",
+           target_sqnr: float | None = None) -> list[tuple]:
+    from edgec.calibration import BuiltinDataset
+    from edgec.passes.quantize import QuantConfig, quantize_model
+
+    proto = mobilenet_v2(width, bn_stats)
     rows = []
     for m in methods:
         t = time.perf_counter()
-        rep = quantize_model(proto, BuiltinDataset("photos"), QuantConfig(method=m, activations=activations),
+        rep = quantize_model(proto, BuiltinDataset("photos"), QuantConfig(method=m, activations=activations, target_sqnr_db=target_sqnr),
                              evaluation=BuiltinDataset("photos-test"))
         ev = rep.evaluation
-        rows.append((f"MobileNetV2-{width:g} photos", m, activations, ev.samples, None, None, None, ev.top1_agreement, ev.sqnr_db,
+        name = f"MobileNetV2-{width:g} photos" + ("" if bn_stats == "noise" else f" (BN stats: {bn_stats})")
+        if target_sqnr is not None:
+            name += f", {len(rep.layers_float)}/{len(rep.layers_float) + len(rep.layers_quantized)} layers float"
+        rows.append((name, m, activations, ev.samples, None, None, None, ev.top1_agreement, ev.sqnr_db,
                      time.perf_counter() - t))
     return rows
 
@@ -69,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--activations", choices=["uint8", "int8"], default="uint8")
     ap.add_argument("--digits-model", type=Path, default=Path("/tmp/edgec-digits.onnx"))
     ap.add_argument("--width", type=float, default=1.0, help="MobileNetV2 width multiplier")
+    ap.add_argument("--bn-stats", choices=["noise", "sklearn-photos"], default="noise",
+                    help="MobileNetV2 BN statistics: the zoo's (noise) or re-estimated on scikit-learn's sample photos")
+    ap.add_argument("--target-sqnr", type=float, default=None, help="keep sensitive layers float until this SQNR (dB)")
     args = ap.parse_args(argv)
     from edgec import console
     from edgec.export import quiet
@@ -79,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "digits"):
             rows += digits(args.digits_model, methods, args.activations)
         if args.only in (None, "photos"):
-            rows += photos(methods, args.activations, args.width)
+            rows += photos(methods, args.activations, args.width, args.bn_stats, args.target_sqnr)
     console.out.print(console.table(
         "int8 vs fp32 on held-out real data",
         ["model / data", "method", "acts", "samples", "fp32 top-1 %", "int8 top-1 %", "drop (points)", "top-1 agreement %", "SQNR dB", "s"],

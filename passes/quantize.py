@@ -32,6 +32,13 @@ corrected for its own error only (same float input), so nothing is corrected twi
 Sensitivity: for each quantized layer alone, ``SQNR = 10 log10(sum y^2 / sum (y_q - y)^2)`` of
 the model outputs on the calibration data.  Mixed precision (``max_drop``) keeps the least
 SQNR layers in float, one at a time, until the top-1 drop is within the budget.
+
+SQNR target (``target_sqnr_db``): the layers' output errors are roughly independent, so their
+powers add: with ``n_i = 10^(-SQNR_i / 10)`` (layer ``i`` alone) and ``N`` the measured noise
+power ratio of the whole int8 model, keeping the set ``F`` in float leaves about
+``N * sum_{i not in F} n_i / sum_i n_i``.  The least-SQNR layers go to float, as many as that
+estimate says reach the target; the model is rebuilt and measured, and the step repeats (at
+least one more layer each time) until the measured SQNR meets the target or one layer is left.
 """
 
 from __future__ import annotations
@@ -81,6 +88,8 @@ class QuantConfig:
     ``float_layers``: node names kept in float.  ``max_drop``: allowed top-1 drop in points
     (accuracy vs labels when the data has labels, else agreement with the float model); ``None``
     quantizes every layer.  ``min_sqnr_db``: the pass fails below this output SQNR.
+    ``target_sqnr_db``: keep the most sensitive layers in float until the output SQNR on the
+    evaluation data reaches this (``None``: no SQNR target).
     """
 
     method: str = "minmax"
@@ -93,6 +102,7 @@ class QuantConfig:
     max_drop: float | None = None
     max_samples: int = 128
     min_sqnr_db: float = 10.0
+    target_sqnr_db: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -105,6 +115,8 @@ class QuantConfig:
             raise InputError(f"--max-drop {self.max_drop} is negative")
         if self.max_samples < 1:
             raise InputError("max_samples must be at least 1")
+        if self.target_sqnr_db is not None and not math.isfinite(self.target_sqnr_db):
+            raise InputError(f"--target-sqnr {self.target_sqnr_db} is not a finite number of dB")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -851,11 +863,34 @@ def quantize_model(
     built, corrected = _build_with_bias(proto, plan, cal, config, data)
     report_eval = evaluate(proto, built.model, eval_data, float_eval)
     sens: tuple[LayerSensitivity, ...] = ()
-    if with_sensitivity or config.max_drop is not None:
+    if with_sensitivity or config.max_drop is not None or config.target_sqnr_db is not None:
         sens = sensitivity(proto, plan, cal, config, data if len(data) <= 32 else data.take(32), _run_all(proto, (data if len(data) <= 32 else data.take(32)).samples), progress)
     float_layers = list(config.float_layers)
+    if config.target_sqnr_db is not None and report_eval.sqnr_db < config.target_sqnr_db:
+        noise = {s.node: 10.0 ** (-s.sqnr_db / 10.0) for s in sens if math.isfinite(s.sqnr_db)}
+        order = [s.node for s in sorted(sens, key=lambda s: s.sqnr_db) if s.node in noise]
+        target = 10.0 ** (-config.target_sqnr_db / 10.0)
+        done = 0
+        while report_eval.sqnr_db < config.target_sqnr_db and done < len(order):
+            measured = 10.0 ** (-report_eval.sqnr_db / 10.0)
+            left = sum(noise[n] for n in order[done:]) or 1.0
+            k = done + 1
+            while k < len(order) and measured * sum(noise[n] for n in order[k:]) / left > target:
+                k += 1
+            candidate = make_plan(proto, [*float_layers, *order[:k]])
+            while not candidate.layers and k > done + 1:  # keep at least one int8 layer
+                k -= 1
+                candidate = make_plan(proto, [*float_layers, *order[:k]])
+            if not candidate.layers:
+                break  # the report says the target is not met
+            done, plan = k, candidate
+            built, corrected = _build_with_bias(proto, plan, cal, config, data)
+            report_eval = evaluate(proto, built.model, eval_data, float_eval)
+            if progress:
+                progress("SQNR target", done, len(order))
+        float_layers += order[:done]
     if config.max_drop is not None:
-        order = [s.node for s in sorted(sens, key=lambda s: s.sqnr_db)]
+        order = [s.node for s in sorted(sens, key=lambda s: s.sqnr_db) if s.node not in float_layers]
         while report_eval.drop is not None and report_eval.drop > config.max_drop and order:
             candidate = make_plan(proto, [*float_layers, order[0]])
             if not candidate.layers:

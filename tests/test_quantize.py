@@ -205,6 +205,35 @@ def test_sensitivity_and_max_drop_keep_the_worst_layers_float() -> None:
     assert set(budget.layers_quantized) >= {"stem", "dw"}
 
 
+def test_target_sqnr_keeps_layers_float_until_met() -> None:
+    model = tiny_cnn(seed=1, classes=3)
+    _edit(model, "w3", lambda w: w.__setitem__((0, 0, 0, 0), 3000.0))
+    data = gaussian_set((1, 3, 16, 16), 24, 8)
+    held_out = gaussian_set((1, 3, 16, 16), 16, 9)
+    cfg = QuantConfig(per_channel=False, bias_correction=False)
+    plain = quantize_model(model, data, cfg, evaluation=held_out)
+    assert plain.evaluation.sqnr_db < 30  # the outlier costs the all-int8 model
+    met = quantize_model(model, data, dataclasses.replace(cfg, target_sqnr_db=38.0), evaluation=held_out)
+    assert met.evaluation.sqnr_db >= 38.0
+    assert met.layers_float and len(met.layers_float) < 4 and met.layers_quantized
+    assert {s.node for s in met.sensitivity} == {"stem", "dw", "pw", "fc"}
+    worst = min(met.sensitivity, key=lambda s: s.sqnr_db).node
+    assert worst in met.layers_float
+    # the float layers really are float: their weights stay initializers without a DequantizeLinear
+    nodes = {n.name: n for n in met.model.graph.node}
+    for name in met.layers_float:
+        assert not nodes[name].input[1].endswith("_dq")
+    assert fresh_sqnr(model, met.model, (1, 3, 16, 16)) > 30.0  # holds on fresh inputs, checked with onnxruntime
+    # a target the all-int8 model already meets keeps every layer int8
+    easy = quantize_model(model, data, dataclasses.replace(cfg, target_sqnr_db=plain.evaluation.sqnr_db - 1), evaluation=held_out)
+    assert not easy.layers_float and easy.evaluation.sqnr_db == pytest.approx(plain.evaluation.sqnr_db)
+    # an unreachable target stops with one int8 layer left, without raising
+    never = quantize_model(model, data, dataclasses.replace(cfg, target_sqnr_db=300.0), evaluation=held_out)
+    assert len(never.layers_quantized) == 1 and never.evaluation.sqnr_db < 300.0
+    with pytest.raises(InputError):
+        QuantConfig(target_sqnr_db=float("nan"))
+
+
 def test_range_estimators() -> None:
     r = np.random.default_rng(0)
     for x in (r.standard_normal(100_000), np.maximum(r.standard_normal(100_000), 0), r.laplace(size=100_000)):

@@ -28,6 +28,7 @@ Examples:
   edgec quantize model.onnx -o model.int8.onnx --calib-dataset photos --method entropy
   edgec quantize digits.onnx -o digits.int8.onnx --calib-dataset digits --eval-dataset digits-test
   edgec quantize model.onnx -o model.int8.onnx --calib samples/ --max-drop 0.5 --sensitivity sens.json
+  edgec quantize model.onnx -o model.int8.onnx --calib-dataset photos --target-sqnr 30
   edgec quantize model.onnx -o model.int8.onnx --calib images/ --activations int8 --per-tensor
 \b
 --calib takes a folder of images (resized, centre-cropped and normalized with --mean/--std)
@@ -46,6 +47,7 @@ digits-test (scikit-learn), photos, photos-test (scikit-image).
 @click.option("--activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True, help="uint8 asymmetric (fast on x86 VNNI) or int8 symmetric.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True, help="Correct each layer's mean output error on the calibration data.")
 @click.option("--max-drop", type=float, default=None, help="Allowed top-1 drop in points; the most sensitive layers stay float until it is met.")
+@click.option("--target-sqnr", type=float, default=None, metavar="DB", help="Keep the most sensitive layers in float until the output SQNR reaches DB.")
 @click.option("--float-layers", default=None, help="Comma-separated node names to keep in float.")
 @click.option("--samples", type=int, default=128, show_default=True, help="Use at most this many calibration samples.")
 @click.option("--sensitivity", "sens_path", type=click.Path(path_type=Path), default=None, help="Run the per-layer sensitivity analysis and save it as JSON here.")
@@ -54,7 +56,7 @@ digits-test (scikit-learn), photos, photos-test (scikit-image).
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def command(model: Path, output: Path, calib: Path | None, calib_dataset: str | None, eval_path: Path | None,
             eval_dataset: str | None, method: str, percentile: float, per_channel: bool, activations: str,
-            bias_correction: bool, max_drop: float | None, float_layers: str | None, samples: int,
+            bias_correction: bool, max_drop: float | None, target_sqnr: float | None, float_layers: str | None, samples: int,
             sens_path: Path | None, mean: str | None, std: str | None, as_json: bool) -> None:
     """Quantize MODEL to int8 (QDQ format) with calibration data and write OUTPUT.
 
@@ -87,6 +89,7 @@ def command(model: Path, output: Path, calib: Path | None, calib_dataset: str | 
         bias_correction=bias_correction,
         float_layers=tuple(x.strip() for x in float_layers.split(",") if x.strip()) if float_layers else (),
         max_drop=max_drop,
+        target_sqnr_db=target_sqnr,
         max_samples=samples,
     )
     with console.progress() as prog:
@@ -130,3 +133,5 @@ def command(model: Path, output: Path, calib: Path | None, calib_dataset: str | 
         console.info(f"  left {node} in float: {reason}")
     if config.max_drop is not None and ev.drop is not None and ev.drop > config.max_drop:
         console.warn(f"top-1 drop {ev.drop:.2f} points is over --max-drop {config.max_drop} even with every sensitive layer in float")
+    if config.target_sqnr_db is not None and ev.sqnr_db < config.target_sqnr_db:
+        console.warn(f"output SQNR {ev.sqnr_db:.1f} dB is under --target-sqnr {config.target_sqnr_db} even with every sensitive layer in float")

@@ -6,8 +6,14 @@ and int8 sessions (all graph optimizations, ``--threads`` intra-op threads) are 
 interleaved rounds so that load from other processes hits both alike.  Reported: median ms
 per inference and ``speedup = fp32 ms / int8 ms``.
 
+Form: ``exported`` is the model as the zoo exports it; ``edgec fuse`` is the form a user deploys,
+``edgec optimize --passes fuse`` (reparameterization of multi-branch blocks, BN/activation
+folding; verified against the exported model) run before quantizing -- fp32 and int8 of that
+row both start from it.  The fused row is shown for the models ``fuse`` changes (``--forms``).
+
     python bench/quant_speed.py                          # every zoo model
     python bench/quant_speed.py --models mobilenet_v2 --runs 200
+    python bench/quant_speed.py --models mobileone_s0 --forms fused
 """
 
 from __future__ import annotations
@@ -46,12 +52,24 @@ def time_sessions(sessions: list, feed: dict, runs: int, rounds: int = 5) -> lis
     return [float(np.median(t)) for t in times]
 
 
+def fused(proto):
+    """``edgec optimize --passes fuse`` on ``proto`` (verified by the pipeline), as a ModelProto."""
+    from edgec import ir as eir
+    from edgec.passes_api import registry
+    from edgec.pipeline import Pipeline
+
+    report = Pipeline([registry.create("fuse")]).run(eir.from_proto(proto))
+    return eir.to_proto(report.model)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="onnxruntime int8 vs fp32 latency of the zoo models")
     ap.add_argument("--models", default=None, help="comma-separated zoo names (default: all)")
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--samples", type=int, default=16, help="calibration samples")
+    ap.add_argument("--forms", choices=["exported", "fused", "both"], default="both",
+                    help="time the exported model, the `edgec fuse` deploy form, or both (fused only where fuse changes it)")
     args = ap.parse_args(argv)
 
     from edgec import console, models
@@ -64,21 +82,31 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         with quiet():
-            fp32 = export_zoo_model(name, fold_bn=True)
-        specs = input_specs(fp32)
+            exported = export_zoo_model(name, fold_bn=True)
+        specs = input_specs(exported)
         if len(specs) != 1 or len(specs[0].shape) != 4 or specs[0].shape[1] != 3:
             console.warn(f"{name}: not a single RGB image input, skipped")
             continue
+        forms = []
+        if args.forms in ("exported", "both"):
+            forms.append(("exported", exported))
+        if args.forms in ("fused", "both"):
+            with quiet():
+                deploy = fused(exported)
+            if args.forms == "fused" or len(deploy.graph.node) != len(exported.graph.node):
+                forms.append((f"edgec fuse ({len(exported.graph.node)} -> {len(deploy.graph.node)} nodes)", deploy))
         calib = BuiltinDataset("photos").load(specs, args.samples)
-        q_u8 = quantize_model(fp32, calib, QuantConfig(activations="uint8", bias_correction=False)).model
-        q_s8 = quantize_model(fp32, calib, QuantConfig(activations="int8", bias_correction=False)).model
-        feed = random_inputs(specs, np.random.default_rng(0))
-        ms = time_sessions([_session(m, args.threads) for m in (fp32, q_u8, q_s8)], feed, args.runs)
-        rows.append((name, "x".join(map(str, specs[0].shape[2:])), ms[0], ms[1], ms[0] / ms[1], ms[2], ms[0] / ms[2]))
-        console.info(f"{name}: fp32 {ms[0]:.2f} ms, u8/s8 {ms[1]:.2f} ms ({ms[0] / ms[1]:.2f}x), s8/s8 {ms[2]:.2f} ms ({ms[0] / ms[2]:.2f}x)")
+        for form, fp32 in forms:
+            q_u8 = quantize_model(fp32, calib, QuantConfig(activations="uint8", bias_correction=False)).model
+            q_s8 = quantize_model(fp32, calib, QuantConfig(activations="int8", bias_correction=False)).model
+            feed = random_inputs(specs, np.random.default_rng(0))
+            ms = time_sessions([_session(m, args.threads) for m in (fp32, q_u8, q_s8)], feed, args.runs)
+            rows.append((name, form, "x".join(map(str, specs[0].shape[2:])), ms[0], ms[1], ms[0] / ms[1], ms[2], ms[0] / ms[2]))
+            console.info(f"{name} ({form}): fp32 {ms[0]:.2f} ms, u8/s8 {ms[1]:.2f} ms ({ms[0] / ms[1]:.2f}x), "
+                         f"s8/s8 {ms[2]:.2f} ms ({ms[0] / ms[2]:.2f}x)")
     console.out.print(console.table(
         f"onnxruntime {args.threads} threads: fp32 vs int8 QDQ (median ms; speedup = fp32 / int8)",
-        ["model", "input", "fp32 ms", "u8/s8 ms", "speedup u8/s8", "s8/s8 ms", "speedup s8/s8"], rows))
+        ["model", "form", "input", "fp32 ms", "u8/s8 ms", "speedup u8/s8", "s8/s8 ms", "speedup s8/s8"], rows))
     return 0
 
 

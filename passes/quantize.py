@@ -89,7 +89,9 @@ class QuantConfig:
     (accuracy vs labels when the data has labels, else agreement with the float model); ``None``
     quantizes every layer.  ``min_sqnr_db``: the pass fails below this output SQNR.
     ``target_sqnr_db``: keep the most sensitive layers in float until the output SQNR on the
-    evaluation data reaches this (``None``: no SQNR target).
+    evaluation data reaches this (``None``: no SQNR target).  ``pad_channels``: pad the stem's
+    input channels to a multiple of 4 and depthwise blocks' channels to a multiple of 16 (exact,
+    see :mod:`edgec.passes._quant_layout`) so onnxruntime runs them on its fast int8 kernels.
     """
 
     method: str = "minmax"
@@ -103,6 +105,7 @@ class QuantConfig:
     max_samples: int = 128
     min_sqnr_db: float = 10.0
     target_sqnr_db: float | None = None
+    pad_channels: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -229,11 +232,13 @@ class QuantizeReport:
     sensitivity: tuple[LayerSensitivity, ...]
     rejected: tuple[tuple[str, str], ...]
     batchnorms_folded: int = 0
+    channels_padded: tuple[str, ...] = ()  # convs whose channels were padded (exact; for int8 kernels)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "config": dataclasses.asdict(self.config),
             "batchnorms_folded": self.batchnorms_folded,
+            "channels_padded": list(self.channels_padded),
             "calibration": {"source": self.calibration_description, "samples": self.calibration_samples},
             "layers_quantized": list(self.layers_quantized),
             "layers_float": list(self.layers_float),
@@ -815,6 +820,20 @@ def _fold_batchnorm(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         1 for n in out.graph.node if n.op_type == "BatchNormalization")
 
 
+def _pad_channels(proto: onnx.ModelProto, data: CalibrationSet) -> tuple[onnx.ModelProto, tuple[str, ...], dict[str, str]]:
+    """:func:`edgec.passes._quant_layout.pad_channels`, kept only if onnxruntime agrees on the calibration data."""
+    from edgec.passes._quant_layout import pad_channels
+
+    out, what = pad_channels(proto)
+    changed = what.inputs + what.depthwise
+    if not changed:
+        return proto, (), {}
+    probe = data.samples[:2]
+    names = [o.name for o in proto.graph.output]
+    cmp = vfy.compare_outputs(_run_all(proto, probe), _run_all(out, probe), names, vfy.Tolerance())
+    return (out, changed, dict(what.aliases)) if cmp.passed else (proto, (), {})
+
+
 def _build_with_bias(proto: onnx.ModelProto, plan: Plan, cal: Calibration, config: QuantConfig, data: CalibrationSet) -> tuple[Built, int]:
     if not config.bias_correction:
         return build(proto, plan, cal, config), 0
@@ -845,6 +864,10 @@ def quantize_model(
     data = calibration if isinstance(calibration, CalibrationSet) else calibration.load(specs, config.max_samples)
     data.validate(specs)
     data = data.take(config.max_samples)
+    padded: tuple[str, ...] = ()
+    unpadded, aliases = proto, {}
+    if config.pad_channels:
+        proto, padded, aliases = _pad_channels(proto, data)
     if evaluation is None:
         eval_data = data
     else:
@@ -858,7 +881,10 @@ def quantize_model(
             + (f" ({reasons})" if reasons else ""),
             "nothing to quantize; the float model is already what you would get",
         )
-    cal = calibrate(proto, plan.tensors, data, config, progress)
+    # ranges come from the unpadded model (the padded channels' zeros would skew the histograms)
+    cal = calibrate(unpadded, [aliases.get(t, t) for t in plan.tensors], data, config, progress)
+    if aliases:
+        cal = dataclasses.replace(cal, ranges={**cal.ranges, **{t: cal.ranges[o] for t, o in aliases.items() if o in cal.ranges}})
     float_eval = _run_all(proto, eval_data.samples)
     built, corrected = _build_with_bias(proto, plan, cal, config, data)
     report_eval = evaluate(proto, built.model, eval_data, float_eval)
@@ -917,6 +943,7 @@ def quantize_model(
         sensitivity=sens,
         rejected=plan.rejected,
         batchnorms_folded=folded,
+        channels_padded=padded,
     )
 
 

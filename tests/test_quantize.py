@@ -104,7 +104,7 @@ def test_quantized_matches_float_on_fresh_inputs(method: str, activations: str) 
 
 def test_qdq_numbers_weights_biases_and_folding() -> None:
     model = tiny_cnn()
-    report = quantize_model(model, gaussian_set((1, 3, 16, 16), 16, 2), QuantConfig(bias_correction=False))
+    report = quantize_model(model, gaussian_set((1, 3, 16, 16), 16, 2), QuantConfig(bias_correction=False, pad_channels=False))
     q = report.model
     inits = inits_of(q)
     w1 = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w1"))
@@ -126,6 +126,87 @@ def test_qdq_numbers_weights_biases_and_folding() -> None:
     assert inits["mp_scale"] == inits["res_scale"] and inits["flat_scale"] == inits["gap_scale"]
     # Gemm output is not quantized: nothing after it is int8, so the logits stay float
     assert q.graph.output[0].name == "y" and next(n for n in q.graph.node if "y" in n.output).op_type == "Gemm"
+
+
+def dw_chain_model(c: int = 24, cin: int = 3, share: bool = False) -> onnx.ModelProto:
+    """stem (cin -> c) -> Clip -> depthwise 5x5 -> Relu -> pointwise (c -> 8) -> GAP -> Gemm."""
+    r = np.random.default_rng(5)
+    inits = [
+        tensor("w1", (r.standard_normal((c, cin, 3, 3)) * 0.5).astype(np.float32)), tensor("b1", r.standard_normal(c).astype(np.float32) * 0.1),
+        tensor("w2", (r.standard_normal((c, 1, 5, 5)) * 0.3).astype(np.float32)), tensor("b2", r.standard_normal(c).astype(np.float32) * 0.1),
+        tensor("w3", (r.standard_normal((8, c, 1, 1)) * 0.3).astype(np.float32)), tensor("b3", r.standard_normal(8).astype(np.float32) * 0.1),
+        tensor("wf", (r.standard_normal((4, 8)) * 0.5).astype(np.float32)),
+        tensor("lo", np.array(0.0, np.float32)), tensor("hi", np.array(6.0, np.float32)), tensor("shape", np.array([1, -1], np.int64)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2], name="stem"),
+        helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"], name="relu6"),
+        helper.make_node("Conv", ["a1", "w2", "b2"], ["c2"], pads=[2, 2, 2, 2], group=c, name="dw"),
+        helper.make_node("Relu", ["c2"], ["a2"], name="relu"),
+        helper.make_node("Conv", ["a2", "w3", "b3"], ["c3"], name="pw"),
+        helper.make_node("GlobalAveragePool", ["c3"], ["gap"], name="gap"),
+        helper.make_node("Reshape", ["gap", "shape"], ["flat"], name="flat"),
+        helper.make_node("Gemm", ["flat", "wf"], ["y"], transB=1, name="fc"),
+    ]
+    if share:  # a second reader of the depthwise weight: padding it would change that reader
+        nodes.append(helper.make_node("Conv", ["a1", "w2"], ["c2b"], pads=[2, 2, 2, 2], group=c, name="dw_twin"))
+        nodes.append(helper.make_node("ReduceMean", ["c2b"], ["side"], keepdims=0, name="side_mean"))
+        return make_model(nodes, [("x", (1, cin, 16, 16))], [("y", (1, 4)), ("side", (1,))], inits)
+    return make_model(nodes, [("x", (1, cin, 16, 16))], [("y", (1, 4))], inits)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_pad_channels_is_exact_and_feeds_the_fast_int8_kernels(method: str) -> None:
+    from edgec.passes._quant_layout import pad_channels
+
+    model = dw_chain_model()
+    padded, what = pad_channels(model)
+    assert what.inputs == ("stem",) and what.depthwise == ("dw",) and len(what.aliases) == 1
+    w = inits_of(padded)
+    nodes = {n.name: n for n in padded.graph.node}
+    stem_w, dw_w, pw_w = (w[nodes[n].input[1]] for n in ("stem", "dw", "pw"))
+    assert stem_w.shape == (32, 4, 3, 3) and dw_w.shape == (32, 1, 5, 5) and pw_w.shape == (8, 32, 1, 1)
+    assert not stem_w[:, 3:].any() and not stem_w[24:].any() and not dw_w[24:].any() and not pw_w[:, 24:].any()
+    assert next(a.i for a in nodes["dw"].attribute if a.name == "group") == 32
+    # the float models agree on fresh inputs (onnxruntime)
+    r = np.random.default_rng()
+    fs, ps = verify.session(model), verify.session(padded)
+    for _ in range(4):
+        x = r.standard_normal((1, 3, 16, 16)).astype(np.float32) * 3
+        np.testing.assert_allclose(ps.run(None, {"x": x})[0], fs.run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    # quantized with padding == quantized without (same ranges: calibrated on the unpadded model)
+    data = gaussian_set((1, 3, 16, 16), 16, 4)
+    cfg = QuantConfig(method=method, bias_correction=False)
+    on = quantize_model(model, data, cfg)
+    off = quantize_model(model, data, dataclasses.replace(cfg, pad_channels=False))
+    assert on.channels_padded == ("stem", "dw") and off.channels_padded == ()
+    feeds = [{"x": r.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(8)]
+    qon, qoff = verify.session(on.model), verify.session(off.model)
+    for f in feeds:
+        np.testing.assert_allclose(qon.run(None, f)[0], qoff.run(None, f)[0], rtol=1e-4, atol=1e-4)
+    assert fresh_sqnr(model, on.model, (1, 3, 16, 16)) > 25.0
+    assert on.to_json()["channels_padded"] == ["stem", "dw"]
+
+
+def test_pad_channels_leaves_non_matching_graphs_alone() -> None:
+    from edgec.passes._quant_layout import pad_channels
+
+    # channel counts already aligned: nothing to do
+    _, what = pad_channels(dw_chain_model(c=32, cin=4))
+    assert what.inputs == () and what.depthwise == ()
+    # a shared depthwise weight: the stem input is padded, the depthwise block is not
+    shared = dw_chain_model(share=True)
+    padded, what = pad_channels(shared)
+    assert what.inputs == ("stem",) and what.depthwise == ()
+    x = np.random.default_rng().standard_normal((1, 3, 16, 16)).astype(np.float32)
+    for a, b in zip(verify.session(shared).run(None, {"x": x}), verify.session(padded).run(None, {"x": x}), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    # a graph input read by two convs is not padded (the other reader needs the original channels)
+    model = tiny_cnn()
+    model.graph.node.append(helper.make_node("Conv", ["x", "w1"], ["extra"], pads=[1, 1, 1, 1], strides=[2, 2], name="twin"))
+    model.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
+    _, what = pad_channels(model)
+    assert what.inputs == ()
 
 
 def test_int8_symmetric_keeps_activations() -> None:

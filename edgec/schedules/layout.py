@@ -93,13 +93,17 @@ def convert_layout_or_keep() -> Any:
 
 
 def channels_last_passes() -> list[Any]:
-    """Relax passes to run before legalization: clip canonicalization, NHWC/HWIO, weight folding."""
+    """Relax passes before legalization: BN/bias folding into conv weights (:mod:`edgec.schedules.fold`),
+    clip canonicalization, NHWC/HWIO, weight folding."""
     from tvm import relax
+
+    from edgec.schedules.fold import fold_conv_affine
 
     return [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
+        fold_conv_affine(),
         canonicalize_clip(),
         convert_layout_or_keep(),
         relax.transform.FoldConstant(),

@@ -174,3 +174,43 @@ def pad_channels(proto: onnx.ModelProto, input_multiple: int = 4, depthwise_mult
         g.initializer.extend(keep)
         del g.value_info[:]
     return out, PaddedChannels(tuple(padded_inputs), tuple(padded_dw), tuple(aliases))
+
+
+def spatial_mean_to_gap(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+    """``ReduceMean(x, axes={2, 3}, keepdims=1)`` of a 4-d ``x`` -> ``GlobalAveragePool(x)`` (the same
+    numbers: the mean over H and W per (n, c)), so the pooling head runs as onnxruntime's
+    QLinearGlobalAveragePool instead of dequantize -> float ReduceMean -> quantize."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for node in g.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(a.t)
+    ranks: dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        for vi in [*inferred.graph.value_info, *inferred.graph.input]:
+            if vi.type.tensor_type.HasField("shape"):
+                ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    except Exception:  # noqa: BLE001 - no shapes, no rewrite
+        return proto, ()
+    changed: list[str] = []
+    for node in g.node:
+        if node.op_type != "ReduceMean" or _attr(node, "keepdims", 1) != 1 or ranks.get(node.input[0]) != 4:
+            continue
+        if len(node.input) > 1 and node.input[1]:
+            if node.input[1] not in consts:
+                continue
+            axes = [int(a) for a in np.asarray(consts[node.input[1]]).ravel()]
+        else:
+            axes = list(_attr(node, "axes", []))
+        if sorted(a % 4 for a in axes) != [2, 3]:
+            continue
+        del node.input[1:]
+        del node.attribute[:]
+        node.op_type = "GlobalAveragePool"
+        changed.append(node.name)
+    return (out, tuple(changed)) if changed else (proto, ())

@@ -18,7 +18,9 @@ Placement (what runtimes fuse):
   after the activation.  With uint8 activations and ``z = 0`` (and a Clip whose bounds contain
   the quantized range) ``Q(act(y)) == Q(y)`` exactly, so the activation node is dropped.
 - Add, Concat, GlobalAveragePool and AveragePool are quantized when all their inputs come from
-  quantized ops, so residual branches stay in int8.  Concat inputs share the output's scale.
+  quantized ops, so residual branches stay in int8.  ``ReduceMean`` over H and W with
+  ``keepdims=1`` is rewritten to the equal ``GlobalAveragePool`` first.
+- Channel padding (``pad_channels``, exact): see :mod:`edgec.passes._quant_layout`.  Concat inputs share the output's scale.
 - Data-movement ops (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze) get no QDQ of
   their own: their output shares the scale of their input, so ``DQ -> op -> Q`` runs in int8.
 - Other ops (Softmax, Sigmoid, shape arithmetic ...) stay float: QDQ around them gains nothing.
@@ -864,6 +866,9 @@ def quantize_model(
     data = calibration if isinstance(calibration, CalibrationSet) else calibration.load(specs, config.max_samples)
     data.validate(specs)
     data = data.take(config.max_samples)
+    from edgec.passes._quant_layout import spatial_mean_to_gap
+
+    proto, _pools = spatial_mean_to_gap(proto)
     padded: tuple[str, ...] = ()
     unpadded, aliases = proto, {}
     if config.pad_channels:

@@ -209,6 +209,37 @@ def test_pad_channels_leaves_non_matching_graphs_alone() -> None:
     assert what.inputs == ()
 
 
+@pytest.mark.parametrize(("axes", "keepdims", "rewritten"), [([2, 3], 1, True), ([-1, -2], 1, True), ([2, 3], 0, False), ([1, 2], 1, False)])
+def test_spatial_mean_becomes_a_quantized_global_pool(axes: list[int], keepdims: int, rewritten: bool) -> None:
+    from edgec.passes._quant_layout import spatial_mean_to_gap
+
+    r = np.random.default_rng(6)
+    inits = [tensor("w", (r.standard_normal((8, 3, 3, 3)) * 0.5).astype(np.float32)), tensor("axes", np.array(axes, np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["a"], name="relu"),
+             helper.make_node("ReduceMean", ["a", "axes"], ["y"], keepdims=keepdims, name="mean")]
+    out_shape = {(True, 1): (1, 8, 1, 1), (False, 0): (1, 8), (False, 1): (1, 1, 1, 8)}[(rewritten or keepdims == 1 and axes == [1, 2], keepdims)]
+    model = make_model(nodes, [("x", (1, 3, 8, 8))], [("y", out_shape)], inits, opset=18)
+    gap, changed = spatial_mean_to_gap(model)
+    assert bool(changed) == rewritten
+    x = r.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(verify.session(gap).run(None, {"x": x})[0], verify.session(model).run(None, {"x": x})[0], rtol=1e-6, atol=1e-6)
+    report = quantize_model(model, gaussian_set((1, 3, 8, 8), 8, 7), QuantConfig())
+    ops = [n.op_type for n in report.model.graph.node]
+    assert ("GlobalAveragePool" in ops) == rewritten and ("ReduceMean" in ops) != rewritten
+    if rewritten:  # its input is dequantized int8 (with a Q after it, onnxruntime fuses QLinearGlobalAveragePool)
+        pool = next(n for n in report.model.graph.node if n.op_type == "GlobalAveragePool")
+        assert next(n for n in report.model.graph.node if pool.input[0] in n.output).op_type == "DequantizeLinear"
+    assert fresh_sqnr_named(model, report.model, (1, 3, 8, 8), "y") > 30.0
+
+
+def fresh_sqnr_named(float_model: onnx.ModelProto, quant: onnx.ModelProto, shape: tuple[int, ...], out: str, n: int = 8) -> float:
+    r = np.random.default_rng()
+    feeds = [{"x": r.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+    fs, qs = verify.session(float_model), verify.session(quant)
+    return verify.compare_outputs([fs.run(None, f) for f in feeds], [qs.run(None, f) for f in feeds], [out], verify.Tolerance()).sqnr_db
+
+
 def test_int8_symmetric_keeps_activations() -> None:
     report = quantize_model(tiny_cnn(), gaussian_set((1, 3, 16, 16), 8, 3), QuantConfig(activations="int8"))
     inits = inits_of(report.model)
@@ -440,6 +471,12 @@ def test_cli(tmp_path: Path, run_cli) -> None:
     assert {r["node"] for r in rows} == {"stem", "dw", "pw", "fc"}
     code, stdout, _ = run_cli("quantize", str(model_path), "-o", str(out), "--calib", str(calib), "--json")
     assert code == 0 and json.loads(stdout)["evaluation"]["sqnr_db"] > 30
+    assert json.loads(stdout)["channels_padded"] == ["stem"]
+    code, stdout, _ = run_cli("quantize", str(model_path), "-o", str(out), "--calib", str(calib), "--json", "--no-pad-channels",
+                              "--target-sqnr", "1000", "--per-tensor")
+    rep = json.loads(stdout)
+    assert code == 0 and rep["channels_padded"] == [] and rep["config"]["target_sqnr_db"] == 1000
+    assert len(rep["layers_quantized"]) == 1 and len(rep["layers_float"]) == 3  # unreachable: all but one layer float
     # bad input: a wrong-shaped set, an empty folder, no data at all -> one-line error, nothing written
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -46,6 +46,7 @@ digits-test (scikit-learn), photos, photos-test (scikit-image).
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel or per tensor.")
 @click.option("--activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True, help="uint8 asymmetric (fast on x86 VNNI) or int8 symmetric.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True, help="Correct each layer's mean output error on the calibration data.")
+@click.option("--pad-channels/--no-pad-channels", default=True, show_default=True, help="Pad the stem's input channels to 4 and depthwise blocks to 16 (exact) so onnxruntime uses its fast int8 kernels.")
 @click.option("--max-drop", type=float, default=None, help="Allowed top-1 drop in points; the most sensitive layers stay float until it is met.")
 @click.option("--target-sqnr", type=float, default=None, metavar="DB", help="Keep the most sensitive layers in float until the output SQNR reaches DB.")
 @click.option("--float-layers", default=None, help="Comma-separated node names to keep in float.")
@@ -56,7 +57,7 @@ digits-test (scikit-learn), photos, photos-test (scikit-image).
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def command(model: Path, output: Path, calib: Path | None, calib_dataset: str | None, eval_path: Path | None,
             eval_dataset: str | None, method: str, percentile: float, per_channel: bool, activations: str,
-            bias_correction: bool, max_drop: float | None, target_sqnr: float | None, float_layers: str | None, samples: int,
+            bias_correction: bool, pad_channels: bool, max_drop: float | None, target_sqnr: float | None, float_layers: str | None, samples: int,
             sens_path: Path | None, mean: str | None, std: str | None, as_json: bool) -> None:
     """Quantize MODEL to int8 (QDQ format) with calibration data and write OUTPUT.
 
@@ -90,6 +91,7 @@ def command(model: Path, output: Path, calib: Path | None, calib_dataset: str | 
         float_layers=tuple(x.strip() for x in float_layers.split(",") if x.strip()) if float_layers else (),
         max_drop=max_drop,
         target_sqnr_db=target_sqnr,
+        pad_channels=pad_channels,
         max_samples=samples,
     )
     with console.progress() as prog:
@@ -113,7 +115,8 @@ def command(model: Path, output: Path, calib: Path | None, calib_dataset: str | 
     ev = report.evaluation
     console.out.print(f"{model} -> {output}: {len(report.layers_quantized)} layers int8, {len(report.layers_float)} float, "
                       f"{report.tensors_quantized} activations quantized ({config.activations}, {config.method}), "
-                      f"{report.activations_removed} Relu/Clip folded into Q, {report.bias_corrected} biases corrected; "
+                      f"{report.activations_removed} Relu/Clip folded into Q, {report.bias_corrected} biases corrected, "
+                      f"{len(report.channels_padded)} convs channel-padded; "
                       f"calibrated on {report.calibration_samples} samples of {report.calibration_description}")
     if report.sensitivity:
         rows = [(x.node, x.op, x.sqnr_db, "float" if x.node in report.layers_float else "int8")

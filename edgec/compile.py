@@ -298,7 +298,11 @@ def compile_model(
             f"TVM failed to compile for {target.name}: {type(exc).__name__}: {lines[-1] if lines else ''}",
             "check the target (`edgec targets`); if the model is unusual, simplify it with `edgec optimize`",
         ) from None
-    db_note = f", database {config.database}" if config.database else ""
+    db_note = ""
+    if config.database:
+        from edgec.tune import database_coverage
+
+        db_note = f", database {config.database}: {database_coverage(mod, target, Path(config.database)).describe()}"
     stage("build", f"{target.name}: {target.describe()}{db_note}", t)
 
     tmp = _write_artifact_dir(out)

@@ -139,17 +139,54 @@ def tuning_config(target: Target, config: TuneConfig) -> dict[str, Any]:
 def tuning_module(model: str | os.PathLike[str] | ir.Model | onnx.ModelProto, target: Target,
                   input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Any:
     """The model after the target pipeline's legalization and fusion: what gets tuned."""
-    import tvm
-
     from edgec.compile import _as_proto, import_onnx
-    from edgec.targets import host as cpu
 
     proto = _as_proto(model)
-    mod = import_onnx(proto, vfy.input_specs(proto, input_shapes))
+    return legalized(import_onnx(proto, vfy.input_specs(proto, input_shapes)), target)
+
+
+def legalized(mod: Any, target: Target) -> Any:
+    """An imported Relax module after the target pipeline's dispatch, legalization and fusion."""
+    import tvm
+
+    from edgec.targets import host as cpu
+
     tvm_target = target.tvm_target()
     with tvm_target:
         seq = tvm.transform.Sequential(cpu.library_dispatch_passes(tvm_target) + cpu.legalize_passes(tvm_target))
         return seq(mod)
+
+
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+    """Which of a model's TIR functions a tuning database holds a schedule for."""
+
+    found: tuple[str, ...]
+    missing: tuple[str, ...]
+
+    def describe(self) -> str:
+        total = len(self.found) + len(self.missing)
+        text = f"{len(self.found)}/{total} functions scheduled from it"
+        if self.missing:
+            more = ", ..." if len(self.missing) > 3 else ""
+            text += f" (rest by edgec's rules: {', '.join(self.missing[:3])}{more})"
+        return text
+
+
+def database_coverage(mod: Any, target: Target, db: Path) -> Coverage:
+    """Look up each task of the imported Relax module ``mod`` in the database ``db`` the way
+    ``MetaScheduleApplyDatabase`` does when compiling (same legalization, same workload keys)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    tvm_target = tvm.target.Target(tuning_config(target, TuneConfig(target, 1, db, num_cores=1)))
+    database = open_database(db)
+    found: list[str] = []
+    missing: list[str] = []
+    for task in ms.relax_integration.extract_tasks(legalized(mod, target), tvm_target):
+        hit = database.query_tuning_record(task.dispatched[0], tvm_target, "main") is not None
+        (found if hit else missing).append(task.task_name)
+    return Coverage(tuple(found), tuple(missing))
 
 
 def tune_model(

@@ -101,6 +101,11 @@ CONV_CASES = {
     "depthwise5x5_odd_channels": (20, 20, 5, 1, 20, 11, {}),
     "grouped": (32, 32, 3, 1, 4, 8, {}),
     "odd_channels": (5, 7, 3, 1, 1, 6, {}),
+    # channel tiles outside the pixel tiles (weights larger than the activations)
+    "pointwise_weights_outer": (64, 320, 1, 1, 1, 7, {}),
+    # materialized padding (long reduction) with channels not a multiple of the vector width
+    "dense3x3_odd_wide": (40, 52, 3, 1, 1, 9, {"residual": False}),
+    "dense5x5_stride2_no_bn": (24, 40, 5, 2, 1, 11, {"bn": False}),
 }
 
 
@@ -222,3 +227,92 @@ def test_model_whose_layout_cannot_be_converted_still_compiles():
     y, ref = _run_both(model, (1, 3, 8, 8), 4)
     assert y.shape == ref.shape
     assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max())
+
+
+def _affine_model(chain, cout=24, groups=1, seed=0, extra_use=False):
+    """Conv followed by a chain of per-channel (or scalar) Add/Sub/Mul/Div by constants."""
+    rng = np.random.default_rng(seed)
+    cin, hw = (32 if groups > 1 else 16), 9
+    if groups > 1:
+        cout = cin
+    w = (rng.standard_normal((cout, cin // groups, 3, 3)) / 6).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t0"], pads=[1, 1, 1, 1], group=groups)]
+    inits = [tensor("w", w)]
+    for i, (op, shape) in enumerate(chain):
+        c = rng.uniform(0.5, 1.5, shape).astype(np.float32) * rng.choice([-1, 1], shape).astype(np.float32)
+        inits.append(tensor(f"c{i}", c))
+        nodes.append(helper.make_node(op, [f"t{i}", f"c{i}"], [f"t{i + 1}"]))
+    last = f"t{len(chain)}"
+    if extra_use:  # the conv output is read twice: it must not be folded away
+        nodes.append(helper.make_node("Add", [last, "t0"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", [last], ["y"]))
+    return make_model(nodes, [("x", (1, cin, hw, hw))], [("y", (1, cout, hw, hw))], inits), (1, cin, hw, hw)
+
+
+AFFINE_CASES = {
+    "bn_like": ([("Sub", (24, 1, 1)), ("Div", (24, 1, 1)), ("Mul", (24, 1, 1)), ("Add", (24, 1, 1))], {}),
+    "scalar_and_4d": ([("Mul", ()), ("Add", (1, 24, 1, 1)), ("Div", (1, 1, 1, 1))], {}),
+    "depthwise": ([("Div", (32, 1, 1)), ("Sub", ())], {"groups": 32}),
+    "grouped": ([("Mul", (32, 1, 1)), ("Add", (32, 1, 1))], {"groups": 4}),
+    "conv_output_read_twice": ([("Mul", (24, 1, 1)), ("Add", (24, 1, 1))], {"extra_use": True}),
+    "not_per_channel": ([("Add", (1, 1, 9, 9)), ("Mul", (24, 1, 1))], {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AFFINE_CASES))
+def test_conv_affine_folding_matches_onnxruntime(case):
+    chain, kw = AFFINE_CASES[case]
+    model, shape = _affine_model(chain, **kw)
+    for seed in (1, 2):
+        y, ref = _run_both(model, shape, seed)
+        assert y.shape == ref.shape
+        assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max()), case
+
+
+def _relax_ops_after_layout(model):
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgec import schedules
+
+    target = _host()
+    with target:
+        mod = tvm.transform.Sequential(schedules.layout_passes(target))(from_onnx(model, keep_params_in_input=False))
+    return mod["main"].script(show_meta=False)
+
+
+def test_batchnorm_folds_into_conv_weights():
+    """Conv -> BN becomes one conv (scaled weights) + one bias add; no divide/subtract/multiply left."""
+    script = _relax_ops_after_layout(conv_block(16, 32, 3, 1, 1, 8, clip=False))
+    assert script.count("R.nn.conv2d") == 1
+    for op in ("R.divide", "R.subtract", "R.multiply"):
+        assert op not in script, op
+    # a value read twice keeps its conv and chain: folding would duplicate the conv
+    model, _ = _affine_model([("Mul", (24, 1, 1))], extra_use=True)
+    script = _relax_ops_after_layout(model)
+    assert script.count("R.nn.conv2d") == 1 and "R.multiply" in script
+    # a constant that is not per output channel is not folded
+    model, _ = _affine_model([("Add", (1, 1, 9, 9))])
+    assert "R.add" in _relax_ops_after_layout(model)
+
+
+def test_tile_shape_fits_registers_and_divides():
+    from edgec.schedules.cpu import tile_shape
+
+    for registers in (16, 32):
+        for c_vectors in range(1, 41):
+            for w_ext in (1, 2, 3, 5, 7, 9, 13, 14, 28, 56, 112):
+                tw, tc = tile_shape(c_vectors, w_ext, registers)
+                assert c_vectors % tc == 0 and w_ext % tw == 0, (c_vectors, w_ext)
+                assert tw == tc == 1 or tc * (tw + 1) + 1 <= registers, (c_vectors, w_ext, tw, tc)
+    # the spilling tile of the old heuristic (7 pixels x 4 vectors on 32 registers) is never chosen
+    assert tile_shape(36, 14, 32) != (7, 4)
+
+
+def test_padding_materialized_for_dense_inlined_for_strided_depthwise():
+    dense = _scheduled_funcs(conv_block(16, 32, 3, 1, 1, 13, bn=False))
+    assert any("conv2d" in n and 'sblock("pad_temp")' in s for n, s in dense.items()), list(dense)
+    cin, cout, k, stride, groups, hw, extra = CONV_CASES["depthwise3x3_stride2"]
+    dw = _scheduled_funcs(conv_block(cin, cout, k, stride, groups, hw, **extra))
+    assert not any("conv2d" in n and 'sblock("pad_temp")' in s for n, s in dw.items()), list(dw)

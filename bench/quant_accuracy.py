@@ -93,6 +93,26 @@ def mobilenet_v2(width: float, bn_stats: str):
     return export(module, (1, 3, 224, 224), fold_bn=True, seed=0).model
 
 
+def macs_by_node(proto) -> dict[str, int]:
+    """Multiply-accumulates of every Conv / Gemm / MatMul node (output size x reduction length)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+              for vi in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]}
+    weights = {i.name: numpy_helper.to_array(i).shape for i in proto.graph.initializer}
+    out: dict[str, int] = {}
+    for n in proto.graph.node:
+        if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in weights and n.output[0] in shapes:
+            w = weights[n.input[1]]
+            red = int(np.prod(w[1:])) if n.op_type == "Conv" else int(w[1] if n.op_type == "Gemm" and any(
+                a.name == "transB" and a.i for a in n.attribute) else w[0])
+            out[n.name] = int(np.prod(shapes[n.output[0]])) * red
+    return out
+
+
 def photos(methods: list[str], activations: str, width: float, bn_stats: str = "noise",
            target_sqnr: float | None = None) -> list[tuple]:
     from edgec.calibration import BuiltinDataset
@@ -107,7 +127,12 @@ def photos(methods: list[str], activations: str, width: float, bn_stats: str = "
         ev = rep.evaluation
         name = f"MobileNetV2-{width:g} photos" + ("" if bn_stats == "noise" else f" (BN stats: {bn_stats})")
         if target_sqnr is not None:
-            name += f", {len(rep.layers_float)}/{len(rep.layers_float) + len(rep.layers_quantized)} layers float"
+            from edgec.passes.quantize import _named
+
+            macs = macs_by_node(_named(proto))
+            share = 100.0 * sum(macs.get(n, 0) for n in rep.layers_float) / max(sum(macs.values()), 1)
+            name += (f", {len(rep.layers_float)}/{len(rep.layers_float) + len(rep.layers_quantized)} layers "
+                     f"({share:.0f} % of MACs) float")
         rows.append((name, m, activations, ev.samples, None, None, None, ev.top1_agreement, ev.sqnr_db,
                      time.perf_counter() - t))
     return rows

@@ -4,7 +4,8 @@ Each zoo model is exported with BatchNorm folded, quantized by edgec (calibrated
 photos) with uint8 activations (the default) and, for comparison, int8 activations; then fp32
 and int8 sessions (all graph optimizations, ``--threads`` intra-op threads) are timed in
 interleaved rounds so that load from other processes hits both alike.  Reported: median ms
-per inference and ``speedup = fp32 ms / int8 ms``.
+per inference and ``speedup = fp32 ms / int8 ms``.  The last columns time the uint8 model
+quantized with ``pad_channels=False`` in the same rounds (before/after of the channel padding).
 
 Form: ``exported`` is the model as the zoo exports it; ``edgec fuse`` is the form a user deploys,
 ``edgec optimize --passes fuse`` (reparameterization of multi-branch blocks, BN/activation
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=16, help="calibration samples")
     ap.add_argument("--forms", choices=["exported", "fused", "both"], default="both",
                     help="time the exported model, the `edgec fuse` deploy form, or both (fused only where fuse changes it)")
+    ap.add_argument("--no-pad-column", action="store_true",
+                    help="skip the u8/s8 model quantized with pad_channels=False (same-run before/after of the channel padding)")
     args = ap.parse_args(argv)
 
     from edgec import console, models
@@ -97,16 +100,23 @@ def main(argv: list[str] | None = None) -> int:
                 forms.append((f"edgec fuse ({len(exported.graph.node)} -> {len(deploy.graph.node)} nodes)", deploy))
         calib = BuiltinDataset("photos").load(specs, args.samples)
         for form, fp32 in forms:
-            q_u8 = quantize_model(fp32, calib, QuantConfig(activations="uint8", bias_correction=False)).model
-            q_s8 = quantize_model(fp32, calib, QuantConfig(activations="int8", bias_correction=False)).model
+            rep = quantize_model(fp32, calib, QuantConfig(activations="uint8", bias_correction=False))
+            models_ = [fp32, rep.model, quantize_model(fp32, calib, QuantConfig(activations="int8", bias_correction=False)).model]
+            if not args.no_pad_column:
+                models_.append(quantize_model(fp32, calib, QuantConfig(activations="uint8", bias_correction=False, pad_channels=False)).model)
             feed = random_inputs(specs, np.random.default_rng(0))
-            ms = time_sessions([_session(m, args.threads) for m in (fp32, q_u8, q_s8)], feed, args.runs)
-            rows.append((name, form, "x".join(map(str, specs[0].shape[2:])), ms[0], ms[1], ms[0] / ms[1], ms[2], ms[0] / ms[2]))
+            ms = time_sessions([_session(m, args.threads) for m in models_], feed, args.runs)
+            row = [name, form, "x".join(map(str, specs[0].shape[2:])), ms[0], ms[1], ms[0] / ms[1], ms[2], ms[0] / ms[2]]
+            if not args.no_pad_column:
+                row += [len(rep.channels_padded), ms[3], ms[0] / ms[3]]
+            rows.append(tuple(row))
             console.info(f"{name} ({form}): fp32 {ms[0]:.2f} ms, u8/s8 {ms[1]:.2f} ms ({ms[0] / ms[1]:.2f}x), "
-                         f"s8/s8 {ms[2]:.2f} ms ({ms[0] / ms[2]:.2f}x)")
+                         f"s8/s8 {ms[2]:.2f} ms ({ms[0] / ms[2]:.2f}x)"
+                         + ("" if args.no_pad_column else f", u8/s8 unpadded {ms[3]:.2f} ms ({ms[0] / ms[3]:.2f}x)"))
     console.out.print(console.table(
         f"onnxruntime {args.threads} threads: fp32 vs int8 QDQ (median ms; speedup = fp32 / int8)",
-        ["model", "form", "input", "fp32 ms", "u8/s8 ms", "speedup u8/s8", "s8/s8 ms", "speedup s8/s8"], rows))
+        ["model", "form", "input", "fp32 ms", "u8/s8 ms", "speedup u8/s8", "s8/s8 ms", "speedup s8/s8"]
+        + ([] if args.no_pad_column else ["convs padded", "u8/s8 unpadded ms", "speedup unpadded"]), rows))
     return 0
 
 

@@ -488,7 +488,7 @@ def calibrate(proto: onnx.ModelProto, tensors: Sequence[str], data: CalibrationS
     total = len(samples) * (1 if config.method == "minmax" else 2)
 
     def first(i: int, outs: list[np.ndarray]) -> None:
-        for name, arr in zip(inner, outs, strict=True):
+        for name, arr in zip(inner, outs[: len(inner)], strict=True):  # [] names: onnxruntime returns the graph outputs
             mm.add(name, arr)
         for name in inputs:
             mm.add(name, samples[i].feeds()[name])
@@ -502,7 +502,7 @@ def calibrate(proto: onnx.ModelProto, tensors: Sequence[str], data: CalibrationS
     hists = Histograms(minmax, config.bins)
 
     def second(i: int, outs: list[np.ndarray]) -> None:
-        for name, arr in zip(inner, outs, strict=True):
+        for name, arr in zip(inner, outs[: len(inner)], strict=True):  # [] names: onnxruntime returns the graph outputs
             hists.add(name, arr)
         for name in inputs:
             hists.add(name, samples[i].feeds()[name])

@@ -316,3 +316,26 @@ def test_padding_materialized_for_dense_inlined_for_strided_depthwise():
     cin, cout, k, stride, groups, hw, extra = CONV_CASES["depthwise3x3_stride2"]
     dw = _scheduled_funcs(conv_block(cin, cout, k, stride, groups, hw, **extra))
     assert not any("conv2d" in n and 'sblock("pad_temp")' in s for n, s in dw.items()), list(dw)
+
+
+def test_batchnorm_on_a_non_conv_branch_becomes_one_multiply_add():
+    """RepVGG's identity-branch BN: (x - m) / s * g + b on a ReLU output becomes x * a + c."""
+    rng = np.random.default_rng(7)
+    c = 12
+    inits = [
+        tensor("g", rng.uniform(0.5, 1.5, c).astype(np.float32)),
+        tensor("be", rng.standard_normal(c).astype(np.float32)),
+        tensor("m", rng.standard_normal(c).astype(np.float32)),
+        tensor("v", rng.uniform(0.5, 1.5, c).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("BatchNormalization", ["r", "g", "be", "m", "v"], ["y"]),
+    ]
+    model = make_model(nodes, [("x", (1, c, 5, 5))], [("y", (1, c, 5, 5))], inits)
+    script = _relax_ops_after_layout(model)
+    assert "R.divide" not in script and "R.subtract" not in script
+    assert script.count("R.multiply") == 1 and script.count("R.add") == 1
+    for seed in (1, 2):
+        y, ref = _run_both(model, (1, c, 5, 5), seed)
+        assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max())

@@ -202,13 +202,15 @@ def schedule_reduction(func: Any, target: Any) -> Any | None:
         out_elems *= _extent(sch, lp) or 1
     in_elems = operand_bytes[0] // max(1, _block_dtype_bits(sch, main) // 8) if operand_bytes else 0
     inline = not _materialize_producers(reduce_len, in_elems, out_elems)
+    kept = []
     for p in reversed(producers):
+        if not inline:
+            kept.append(p)
+            continue
         try:
-            if not inline:
-                raise ValueError("materialized")
             sch.compute_inline(p)
         except Exception:  # noqa: BLE001 - a producer that cannot be inlined stays a separate loop nest
-            _schedule_producer(sch, p, lanes)
+            kept.append(p)
     epilogue = None
     if consumers:
         for cblock in consumers[:-1]:
@@ -250,6 +252,9 @@ def schedule_reduction(func: Any, target: Any) -> Any | None:
     sch.unroll(c_m)
     if v > 1:
         sch.vectorize(c_v)
+
+    for p in kept:
+        _producer_at_tile(sch, p, fused, lanes)
 
     if epilogue is not None:
         sch.set_scope(main, 0, "local")
@@ -336,6 +341,27 @@ def _materialize_producers(reduce_len: int, in_elems: int, out_elems: int) -> bo
     if in_elems <= 0 or out_elems <= 0:
         return False
     return in_elems < _MATERIALIZE_MAX_COPY * out_elems * reduce_len
+
+
+_PRODUCER_AT_TILE = True
+
+
+def _producer_at_tile(sch: Any, block_rv: Any, fused: Any, lanes: int) -> None:
+    """Compute a kept producer (padding) per tile of the parallel loop, else as its own loop nest.
+
+    Per tile, only the input patch that tile reads is padded (``(Tw-1)*stride + kw`` columns by
+    ``kh`` rows by all input channels), into a buffer TVM allocates per iteration of the
+    parallel loop: no second parallel region (each costs a thread-pool wake-up, which stalls on
+    a loaded machine) and the patch is in L1 when the micro-kernel reads it.
+    """
+    if _PRODUCER_AT_TILE:
+        try:
+            sch.compute_at(block_rv, fused)
+            _vectorize_tail(sch, block_rv, lanes, below=fused)
+            return
+        except Exception:  # noqa: BLE001 - fall back to a separate parallel loop nest
+            pass
+    _schedule_producer(sch, block_rv, lanes)
 
 
 def _schedule_producer(sch: Any, block_rv: Any, lanes: int) -> None:

@@ -25,6 +25,10 @@ fp32 session; the result differs from the unfolded graph by float rounding only.
 Only intermediate values with a single use are folded (a value also read elsewhere keeps its
 own conv), and only when the conv weight is a compile-time constant in ``OIHW`` with ``NCHW``
 data (i.e. before layout conversion).
+
+A chain of two or more such steps on any other NCHW tensor (e.g. the BN of RepVGG's identity
+branch, ``(x - m) / s * g + be``) becomes ``x * a + c``: one multiply and one add per element
+instead of a subtract, a divide, a multiply and an add.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ _OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
 class _Affine:
     """``a * conv(x, W) + c`` per output channel (numpy float64 vectors of length C)."""
 
-    conv: Any  # the original relax conv2d Call
+    conv: Any  # the original relax conv2d Call, or None for a chain on any other tensor
+    base: Any  # that other tensor (a relax Var) when ``conv`` is None
     scale: Any
     shift: Any
     steps: int
@@ -123,7 +128,7 @@ def _conv_state(call: Any) -> _Affine | None:
     if attrs.out_dtype is not None and str(attrs.out_dtype) not in ("", "float32", "void"):
         return None
     channels = int(call.args[1].value.shape[0])
-    return _Affine(call, np.ones(channels), np.zeros(channels), 0)
+    return _Affine(call, None, np.ones(channels), np.zeros(channels), 0)
 
 
 def rewrite_function(func: Any) -> Any:
@@ -150,7 +155,14 @@ def rewrite_function(func: Any) -> Any:
                     if op in ("relax.add", "relax.multiply") and _is_const(lhs) and isinstance(rhs, relax.Var):
                         lhs, rhs = rhs, lhs
                     prev = states.get(lhs) if isinstance(lhs, relax.Var) else None
-                    if prev is not None and uses.get(lhs, 0) == 1 and _is_const(rhs):
+                    single_use = prev is not None and uses.get(lhs, 0) == 1
+                    if (prev is None or not single_use) and isinstance(lhs, relax.Var) and _is_const(rhs):
+                        shape = _static_shape(lhs)
+                        if shape is not None and len(shape) == 4 and str(getattr(lhs.ty, "dtype", "")) == "float32":
+                            # a new chain on a tensor that is not (or no longer) foldable into a conv
+                            prev = _Affine(None, lhs, np.ones(shape[1]), np.zeros(shape[1]), 0)
+                            single_use = True
+                    if prev is not None and single_use and _is_const(rhs):
                         t = _channel_vector(rhs, prev.scale.shape[0])
                         out_shape = _static_shape(b.var)
                         in_shape = _static_shape(lhs)
@@ -166,12 +178,14 @@ def rewrite_function(func: Any) -> Any:
                             else:
                                 a /= t
                                 c /= t
-                            st = _Affine(prev.conv, a, c, prev.steps + 1)
+                            st = _Affine(prev.conv, prev.base, a, c, prev.steps + 1)
                             replace.pop(lhs, None)
                             replace[b.var] = st
                 if st is not None:
                     states[b.var] = st
-        replace = {k: s for k, s in replace.items() if s.steps > 0}
+        # a conv chain folds from one step on; a chain on another tensor becomes one multiply + add,
+        # a gain from two steps on
+        replace = {k: s for k, s in replace.items() if s.steps > (0 if s.conv is not None else 1)}
         if not replace:
             return func
 
@@ -183,6 +197,14 @@ def rewrite_function(func: Any) -> Any:
                     super().visit_var_binding_(binding)
                     return
                 conv = st.conv
+                if conv is None:
+                    new = self.visit_expr(st.base)
+                    if np.any(st.scale != 1):
+                        new = relax.op.multiply(new, relax.const(st.scale.astype(np.float32).reshape(1, -1, 1, 1)))
+                    if np.any(st.shift != 0):
+                        new = relax.op.add(new, relax.const(st.shift.astype(np.float32).reshape(1, -1, 1, 1)))
+                    self._emit(binding, new)
+                    return
                 w = conv.args[1].value.numpy()
                 w2 = (w.astype(np.float64) * st.scale.reshape(-1, 1, 1, 1)).astype(np.float32)
                 a = conv.attrs
@@ -199,6 +221,9 @@ def rewrite_function(func: Any) -> Any:
                 )
                 if np.any(st.shift != 0):
                     new = relax.op.add(new, relax.const(st.shift.astype(np.float32).reshape(1, -1, 1, 1)))
+                self._emit(binding, new)
+
+            def _emit(self, binding: Any, new: Any) -> None:
                 if isinstance(binding.var, relax.DataflowVar):
                     nv = self.builder_.emit(new)
                 else:

@@ -214,3 +214,57 @@ def spatial_mean_to_gap(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[
         node.op_type = "GlobalAveragePool"
         changed.append(node.name)
     return (out, tuple(changed)) if changed else (proto, ())
+
+
+def pad_after_quantize(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``Pad(x, constant 0) -> QuantizeLinear`` -> ``QuantizeLinear(x) -> Pad(constant = zero point)``.
+
+    Exact: ``Q(0) = clamp(round(0 / s) + z) = z``, and Q is element-wise, so quantizing the padded
+    tensor equals padding the quantized one with ``z``.  The quantize then reads the unpadded
+    tensor (3 of 4 stem channels) and the pad moves 1-byte instead of 4-byte values; with the
+    pad in front, onnxruntime ran mcunet's int8 graph about 7 % slower.  Applies to a per-tensor
+    Q that is the only reader of a constant-mode Pad with a zero (or absent) pad value.
+    """
+    g = proto.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in node.input:
+            if i:
+                readers.setdefault(i, []).append(node)
+    outputs = {o.name for o in g.output}
+    moves: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
+    for pad in g.node:
+        if pad.op_type != "Pad" or _attr(pad, "mode", b"constant") not in (b"constant", "constant"):
+            continue
+        if len(pad.input) > 2 and pad.input[2] and (pad.input[2] not in consts or np.any(consts[pad.input[2]] != 0)):
+            continue
+        if len(pad.input) > 3 and pad.input[3]:
+            continue  # axes input: keep it simple
+        users = readers.get(pad.output[0], [])
+        if len(users) != 1 or pad.output[0] in outputs or users[0].op_type != "QuantizeLinear":
+            continue
+        q = users[0]
+        if len(q.input) < 3 or q.input[1] not in consts or consts[q.input[1]].size != 1 or q.input[2] not in consts:
+            continue
+        moves.append((pad, q))
+    if not moves:
+        return proto, 0
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    by_name = {n.name: n for n in g.node}
+    for pad0, q0 in moves:
+        pad, q = by_name[pad0.name], by_name[q0.name]
+        x, qout = pad.input[0], q.output[0]
+        mid = f"{qout}_unpadded"
+        q.input[0], q.output[0] = x, mid
+        pads = list(pad.input[1:2])
+        del pad.input[:]
+        pad.input.extend([mid, *pads, q.input[2]])
+        pad.output[0] = qout
+        nodes = [n for n in g.node if n.name != pad.name]
+        nodes.insert(next(i for i, n in enumerate(nodes) if n.name == q.name) + 1, pad)
+        del g.node[:]
+        g.node.extend(nodes)
+    return out, len(moves)

@@ -680,6 +680,9 @@ def build(proto: onnx.ModelProto, plan: Plan, cal: Calibration, config: QuantCon
         keep = [i for i in out.graph.initializer if i.name not in unused]
         del out.graph.initializer[:]
         out.graph.initializer.extend(keep)
+    from edgec.passes._quant_layout import pad_after_quantize
+
+    out, _moved = pad_after_quantize(out)
     return Built(out, len(removable), qp)
 
 

@@ -180,12 +180,35 @@ def test_pad_channels_is_exact_and_feeds_the_fast_int8_kernels(method: str) -> N
     on = quantize_model(model, data, cfg)
     off = quantize_model(model, data, dataclasses.replace(cfg, pad_channels=False))
     assert on.channels_padded == ("stem", "dw") and off.channels_padded == ()
+    # the zero pad of the input runs after its QuantizeLinear, in uint8, padding with the zero point
+    pad = next(n for n in on.model.graph.node if n.op_type == "Pad")
+    q_in = next(n for n in on.model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    assert pad.input[0] == q_in.output[0] and pad.input[2] == q_in.input[2]
     feeds = [{"x": r.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(8)]
     qon, qoff = verify.session(on.model), verify.session(off.model)
     for f in feeds:
         np.testing.assert_allclose(qon.run(None, f)[0], qoff.run(None, f)[0], rtol=1e-4, atol=1e-4)
     assert fresh_sqnr(model, on.model, (1, 3, 16, 16)) > 25.0
     assert on.to_json()["channels_padded"] == ["stem", "dw"]
+
+
+@pytest.mark.parametrize(("value", "zp_type", "moved"), [(0.0, TensorProto.UINT8, True), (0.0, TensorProto.INT8, True), (0.5, TensorProto.UINT8, False)])
+def test_pad_after_quantize_is_exact(value: float, zp_type: int, moved: bool) -> None:
+    from edgec.passes._quant_layout import pad_after_quantize
+
+    zp = np.array(37 if zp_type == TensorProto.UINT8 else -5, np.uint8 if zp_type == TensorProto.UINT8 else np.int8)
+    inits = [tensor("pads", np.array([0, 0, 0, 0, 0, 1, 0, 0], np.int64)), tensor("v", np.array(value, np.float32)),
+             tensor("s", np.array(0.02, np.float32)), tensor("z", zp)]
+    nodes = [helper.make_node("Pad", ["x", "pads", "v"], ["xp"], name="pad", mode="constant"),
+             helper.make_node("QuantizeLinear", ["xp", "s", "z"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["y"], name="dq")]
+    model = make_model(nodes, [("x", (1, 3, 5, 5))], [("y", (1, 4, 5, 5))], inits, opset=18)
+    out, n = pad_after_quantize(model)
+    assert n == int(moved)
+    if moved:
+        assert [node.op_type for node in out.graph.node] == ["QuantizeLinear", "Pad", "DequantizeLinear"]
+    x = (np.random.default_rng().standard_normal((1, 3, 5, 5)) * 3).astype(np.float32)  # some values saturate
+    np.testing.assert_array_equal(verify.session(out).run(None, {"x": x})[0], verify.session(model).run(None, {"x": x})[0])
 
 
 def test_pad_channels_leaves_non_matching_graphs_alone() -> None:

@@ -12,6 +12,11 @@ each, so load from other processes hits both alike.  ``TVM_NUM_THREADS`` and onn
     python bench/compare_ort.py                       # every zoo model, 2 threads
     python bench/compare_ort.py --models mobilenet_v2,resnet18 --rounds 30
     python bench/compare_ort.py --onnx my.onnx --json
+    python bench/compare_ort.py --models resnet18 --profile 15   # + edgec's 15 slowest functions
+
+``--profile N`` times every TIR function call of the edgec build through the VM's instrument
+hook (wall time per call, summed over 20 runs) and prints the N slowest with their argument
+shapes: where the remaining gap to onnxruntime is.
 """
 
 from __future__ import annotations
@@ -33,7 +38,32 @@ def _timed(fn, n: int) -> list[float]:
     return out
 
 
-def compare(proto, name: str, threads: int, rounds: int, per_round: int, baseline: bool) -> dict:
+def profile_functions(vm, xt, runs: int = 20) -> list[tuple[float, int, str, list]]:
+    """(ms per model run, calls per run, function name, argument shapes), slowest first."""
+    import collections
+
+    total: dict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter = collections.Counter()
+    shapes: dict[str, list] = {}
+    start: list[float] = [0.0]
+
+    def instrument(func, name, before, ret, *args):
+        if before:
+            start[0] = time.perf_counter()
+        else:
+            total[name] += time.perf_counter() - start[0]
+            calls[name] += 1
+            shapes[name] = [tuple(a.shape) for a in args if hasattr(a, "shape")]
+        return 0
+
+    vm.set_instrument(instrument)
+    for _ in range(runs):
+        vm["main"](xt)
+    rows = [(t / runs * 1e3, calls[k] // runs, k, shapes[k]) for k, t in total.items()]
+    return sorted(rows, reverse=True)
+
+
+def compare(proto, name: str, threads: int, rounds: int, per_round: int, baseline: bool, profile: int = 0) -> dict:
     import numpy as np
     import onnxruntime as ort
     import tvm
@@ -90,6 +120,11 @@ def compare(proto, name: str, threads: int, rounds: int, per_round: int, baselin
     }
     if baseline:
         row["tvm_unscheduled_ms"] = med["tvm_unscheduled"]
+    if profile:
+        row["profile"] = [
+            {"ms": ms, "calls": n, "function": fn, "shapes": [list(s) for s in shp]}
+            for ms, n, fn, shp in profile_functions(relax.VirtualMachine(ex, tvm.cpu()), xt)[:profile]
+        ]
     return row
 
 
@@ -102,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--baseline", action="store_true", help="also time TVM without schedules")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print edgec's N slowest functions")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
@@ -119,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, load in items:
         with quiet():
             proto = load()
-        row = compare(proto, name, args.threads, args.rounds, args.per_round, args.baseline)
+        row = compare(proto, name, args.threads, args.rounds, args.per_round, args.baseline, args.profile)
         rows.append(row)
         if not args.json:
             base = f"  unscheduled {row['tvm_unscheduled_ms']:.1f} ms" if "tvm_unscheduled_ms" in row else ""
@@ -129,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"  compile {row['compile_s']:.0f} s{base}",
                 flush=True,
             )
+            for p in row.get("profile", []):
+                print(f"    {p['ms']:8.3f} ms  x{p['calls']:<3d} {p['function'][:56]:56s} {p['shapes'][:2]}", flush=True)
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         print()

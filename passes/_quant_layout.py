@@ -11,8 +11,9 @@ Input channels of a Conv that reads a graph input (the stem: RGB has 3 channels)
     ``y = conv(x, W) + b`` with ``x`` of ``C`` channels.  Append ``P`` zero channels to the
     input (``Pad`` on axis 1) and ``P`` zero input channels to ``W``:
     ``conv([x, 0], [W, W']) = conv(x, W) + conv(0, W') = conv(x, W)`` for any ``W'``; ``W' = 0``.
-    The Pad runs in float before the input's QuantizeLinear; ``Q(0)`` is the zero point, which
-    reads back as 0.
+    The Pad is inserted in float before the input's QuantizeLinear; once the QDQ model is built,
+    :func:`pad_after_quantize` moves it after the QuantizeLinear (``Q(0)`` is the zero point, which
+    reads back as 0), so it pads uint8 values.
 
 Depthwise channels of ``A -> [act] -> D -> [act] -> B``
     ``A`` a Conv (groups 1) with ``C`` output channels, ``D`` a depthwise Conv (``groups = C``),

@@ -22,10 +22,12 @@ worker pool per batch); MobileNetV2 has 32 tasks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -225,9 +227,10 @@ def tune_model(
         raise EdgecError("the model has no TIR function to tune", "compile it directly with `edgec compile`")
     db_dir = Path(config.db)
     db_dir.mkdir(parents=True, exist_ok=True)
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted, work_dir=str(db_dir / "logs"), seed=config.seed
-    )
+    with _named_handlers_only():
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            extracted, work_dir=str(db_dir / "logs"), seed=config.seed
+        )
     names = [t.task_name for t in extracted]
     best: dict[int, float] = {}
     trials_per_task: dict[int, int] = {}
@@ -279,6 +282,22 @@ def tune_model(
         TaskReport(names[i], int(extracted[i].weight), trials_per_task.get(i, 0), best.get(i)) for i in range(len(names))
     )
     return TuneResult(db_dir, tasks, done[0], time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _named_handlers_only() -> Iterator[None]:
+    """MetaSchedule rebuilds its logging config from the names of the handlers already on its
+    logger and fails on an unnamed one (e.g. one a host application or pytest attached); detach
+    those while it does, and put them back."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for h in unnamed:
+        logger.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in unnamed:
+            logger.addHandler(h)
 
 
 def _host_arch() -> str:

@@ -37,18 +37,13 @@ def dlight_passes(target: Any) -> list[Any]:
 
 
 def finalize_passes(target: Any) -> list[Any]:
+    """The CPU finalization, with CUDA-graph capture right after memory planning (as in
+    ``tvm.relax.backend.cuda.pipeline``)."""
     from tvm import relax
 
-    return [
-        relax.transform.StaticPlanBlockMemory(),
-        relax.transform.RewriteCUDAGraph(),
-        relax.transform.LowerAllocTensor(),
-        relax.transform.KillAfterLastUse(),
-        relax.transform.LowerRuntimeBuiltin(),
-        relax.transform.ComputePrimValue(),
-        relax.transform.VMShapeLower(),
-        relax.transform.AttachGlobalSymbol(),
-    ]
+    passes = cpu.finalize_passes(target)
+    passes.insert(1, relax.transform.RewriteCUDAGraph())
+    return passes
 
 
 def cuda_pipeline(target: Any, database: Any | None = None) -> Any:

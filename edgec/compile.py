@@ -176,9 +176,8 @@ def import_onnx(proto: onnx.ModelProto, specs: Sequence[vfy.TensorSpec]) -> Any:
     try:
         return from_onnx(proto, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
     except Exception as exc:  # unsupported operator, bad attribute: the user's model, not our bug
-        msg = str(exc).strip().splitlines()
-        raise EdgecError(
-            f"TVM's ONNX importer rejected the model: {type(exc).__name__}: {msg[-1] if msg else ''}",
+        raise EdgecError.wrapping(
+            "TVM's ONNX importer rejected the model", exc,
             "simplify it first (`edgec optimize --passes constant-fold,...`) or replace the unsupported operator",
         ) from None
 
@@ -293,9 +292,8 @@ def compile_model(
     except EdgecError:
         raise
     except Exception as exc:
-        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        raise EdgecError(
-            f"TVM failed to compile for {target.name}: {type(exc).__name__}: {lines[-1] if lines else ''}",
+        raise EdgecError.wrapping(
+            f"TVM failed to compile for {target.name}", exc,
             "check the target (`edgec targets`); if the model is unusual, simplify it with `edgec optimize`",
         ) from None
     db_note = ""

@@ -25,6 +25,14 @@ class EdgecError(Exception):
         return self.message
 
 
+    @classmethod
+    def wrapping(cls, what: str, exc: BaseException, hint: str | None = None) -> EdgecError:
+        """``what``, then the exception's type and the last line of its text (TVM's errors carry a
+        C++ backtrace before the line that says what went wrong)."""
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        return cls(f"{what}: {type(exc).__name__}: {lines[-1] if lines else ''}", hint)
+
+
 class InputError(EdgecError):
     """Bad input given by the user: a missing or malformed file, a wrong shape or name."""
 

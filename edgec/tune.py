@@ -218,9 +218,8 @@ def tune_model(
     except EdgecError:
         raise
     except Exception as exc:
-        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        raise EdgecError(
-            f"TVM could not prepare the model for tuning on {target.name}: {type(exc).__name__}: {lines[-1] if lines else ''}",
+        raise EdgecError.wrapping(
+            f"TVM could not prepare the model for tuning on {target.name}", exc,
             "check that `edgec compile` works for this model and target first",
         ) from None
     if not extracted:

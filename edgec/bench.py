@@ -11,7 +11,13 @@ Measurement (the shape of TVM's ``time_evaluator`` result: raw samples plus stat
 
 Before timing, the device's outputs on those inputs are compared with onnxruntime's on this host
 (the ``model.onnx`` stored in the artifact): a build that runs but computes the wrong thing fails.
-With ``compare_ort`` onnxruntime (all graph optimizations, default threads) is also timed on this
+Threads: TVM's runtime sizes its pool at half the hardware threads on x86 (it assumes SMT), so on
+a 2-vCPU machine it would run single-threaded beside a 2-thread onnxruntime.  Local runs therefore
+set the pool (``runtime.config_threadpool``) to ``threads`` (default: every CPU this process may
+use) and give onnxruntime the same count; on a remote device the pool is set only when ``threads``
+is given (a Raspberry Pi 4 or 5: 4).
+
+With ``compare_ort`` onnxruntime (all graph optimizations, same threads) is also timed on this
 host in the same run with the same warmup/number/repeat, one onnxruntime sample after each edgec
 sample (so both see the same machine load), and ``ratio = mean_edgec / mean_ort``.
 
@@ -96,10 +102,26 @@ class BenchConfig:
     tolerance: vfy.Tolerance = vfy.Tolerance(rtol=1e-4, atol=1e-5)
     seed: int | None = None
     stall_timeout_s: float = 120.0
+    threads: int | None = None  # TVM runtime threads; None: this host's CPUs, or the device's default
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.number < 1 or self.repeat < 1:
             raise InputError("--warmup must be >= 0, --number and --repeat >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise InputError("--threads must be at least 1")
+
+
+def host_cpus() -> list[int]:
+    """The CPUs this process may run on."""
+    import os
+
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def configure_threads(config_threadpool: Callable[..., Any], threads: int, cpus: Sequence[int]) -> None:
+    """Size the TVM runtime's thread pool: ``threads`` workers, each free to run on any of ``cpus``
+    (affinity mode kSpecifyThreadShareAllCore = -3)."""
+    config_threadpool(-3, threads, [str(c) for c in cpus])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,10 +260,11 @@ class _State:
 
 
 class _OrtTimer:
-    """onnxruntime on this host (all graph optimizations, default threads), one sample per call."""
+    """onnxruntime on this host (all graph optimizations; ``threads`` intra-op threads, 0: its
+    default), one sample per call."""
 
-    def __init__(self, model: Path, feeds: dict[str, np.ndarray], cfg: BenchConfig) -> None:
-        self.sess = vfy.session(_load(model), optimize=True)
+    def __init__(self, model: Path, feeds: dict[str, np.ndarray], cfg: BenchConfig, threads: int) -> None:
+        self.sess = vfy.session(_load(model), optimize=True, threads=threads)
         self.feeds = feeds
         self.number = cfg.number
         for _ in range(cfg.warmup + 1):
@@ -280,6 +303,8 @@ def _worker(artifact: Artifact, remote: Remote | None, cfg: BenchConfig, state: 
         if m.device == "cuda":
             _register_cuda_compiler(str(m.tvm_target.get("arch", "")))
         lib = tvm.runtime.load_module(str(artifact.library))
+        if m.device == "cpu" and cfg.threads is not None:
+            configure_threads(tvm.get_global_func("runtime.config_threadpool"), cfg.threads, host_cpus())
     else:
         emit(BenchEvent("connect", 0, 1))
         conn = open_session(remote)
@@ -306,6 +331,8 @@ def _worker(artifact: Artifact, remote: Remote | None, cfg: BenchConfig, state: 
                 ) from None
             raise
         dev = sess.cuda(0) if m.device == "cuda" else sess.cpu(0)
+        if m.device == "cpu" and cfg.threads is not None:
+            configure_threads(sess.get_function("runtime.config_threadpool"), cfg.threads, range(cfg.threads))
         if m.device == "cuda" and not dev.exist:
             raise EdgecError(f"the device at {remote.describe()} has no CUDA GPU")
     state.touch("check")
@@ -340,7 +367,7 @@ def _worker(artifact: Artifact, remote: Remote | None, cfg: BenchConfig, state: 
     timer = vm.time_evaluator("invoke_stateful", dev, number=cfg.number, repeat=1)
     # 4. onnxruntime on this host in the same run, samples interleaved with edgec's so that both
     #    see the same machine load
-    ort = _OrtTimer(artifact.model, feeds, cfg) if cfg.compare_ort else None
+    ort = _OrtTimer(artifact.model, feeds, cfg, cfg.threads if remote is None and cfg.threads else 0) if cfg.compare_ort else None
     for i in range(cfg.repeat):
         ms = float(timer("main").results[0]) * 1e3
         state.samples.append(ms)
@@ -368,7 +395,11 @@ def run_bench(
     :class:`~edgec.errors.EdgecError` subclasses for bad input or an unreachable device.
     """
     art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
+    if remote is None and config.threads is None and art.manifest.device == "cpu":
+        config = dataclasses.replace(config, threads=len(host_cpus()))
     where = "this host" if remote is None else remote.describe()
+    if config.threads is not None and art.manifest.device == "cpu":
+        where += f", {config.threads} thread{'s' if config.threads > 1 else ''}"
     if remote is not None:
         from edgec.emulate import emulated_label
 

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from test_compile import small_cnn
 
-from edgec.bench import BenchConfig, LatencyStats, library_arch, run_bench
+from edgec.bench import BenchConfig, LatencyStats, host_cpus, library_arch, run_bench
 from edgec.compile import Artifact, CompileConfig, compile_model
 from edgec.errors import EquivalenceError, InputError
 from edgec.targets import get_target
@@ -53,7 +53,9 @@ def test_statistics_follow_their_definitions() -> None:
 def test_local_bench_with_onnxruntime_ratio(host_artifact: Artifact) -> None:
     events = []
     r = run_bench(host_artifact, None, BenchConfig(warmup=1, number=3, repeat=7, compare_ort=True), events.append)
-    assert r.complete and r.error is None and r.where == "this host"
+    n = len(host_cpus())  # by default every CPU here, for TVM's pool and onnxruntime alike
+    assert r.complete and r.error is None and r.where == f"this host, {n} thread{'s' if n > 1 else ''}"
+    assert r.config.threads == n
     assert r.stats is not None and len(r.stats.samples_ms) == 7 and r.stats.min > 0
     assert r.stats.min <= r.stats.median <= r.stats.p90 <= r.stats.p99 <= r.stats.max
     assert r.ort is not None and len(r.ort.samples_ms) == 7
@@ -62,6 +64,28 @@ def test_local_bench_with_onnxruntime_ratio(host_artifact: Artifact) -> None:
     assert [e.done for e in events if e.stage == "measure"] == list(range(1, 8))
     js = r.to_json()
     assert js["edgec"]["samples_ms"] == list(r.stats.samples_ms) and js["complete"]
+
+
+def test_threads_configure_tvm_pool_and_onnxruntime(host_artifact: Artifact, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgec.bench as eb
+    from edgec import verify as vfy
+
+    pools: list[tuple[int, list[int]]] = []
+    monkeypatch.setattr(eb, "configure_threads", lambda fn, threads, cpus: pools.append((threads, list(cpus))))
+    sessions: list[int] = []
+    real_session = vfy.session
+
+    def session(model, *, optimize=False, threads=0):
+        if optimize:  # the timed onnxruntime session
+            sessions.append(threads)
+        return real_session(model, optimize=optimize, threads=threads)
+
+    monkeypatch.setattr(eb.vfy, "session", session)
+    r = run_bench(host_artifact, None, BenchConfig(warmup=0, number=1, repeat=2, compare_ort=True, threads=1))
+    assert r.complete and r.where == "this host, 1 thread"
+    assert pools == [(1, host_cpus())] and sessions == [1]
+    with pytest.raises(InputError):
+        BenchConfig(threads=0)
 
 
 def test_wrong_outputs_are_caught(host_artifact: Artifact, tmp_path: Path) -> None:

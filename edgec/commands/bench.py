@@ -52,11 +52,13 @@ Examples:
 @click.option("--atol", type=float, default=1e-5, show_default=True, help="Output check: absolute error.")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Give up after this many seconds without progress.")
 @click.option("--wait", type=float, default=60.0, show_default=True, help="Seconds to wait for a free device at the tracker.")
+@click.option("--threads", type=int, default=None,
+              help="TVM runtime threads (default: this host's CPUs, also given to onnxruntime; on a device: its runtime's default).")
 @click.option("--seed", type=int, default=None, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (raw samples included).")
 def command(artifact: Path, rpc_addr: str | None, tracker: str | None, key: str | None, warmup: int, number: int,
             repeat: int, compare_ort: bool, check: bool, rtol: float, atol: float, timeout: float, wait: float,
-            seed: int | None, as_json: bool) -> None:
+            threads: int | None, seed: int | None, as_json: bool) -> None:
     """Measure the latency of ARTIFACT (a folder from `edgec compile`).
 
     Prints mean, median, p90, p99, std, min and max over the samples.  Outputs are first compared
@@ -78,7 +80,8 @@ def command(artifact: Path, rpc_addr: str | None, tracker: str | None, key: str 
     elif tracker:
         remote = Remote.tracker(tracker, key or "", wait_s=wait, connect_timeout_s=min(timeout, 10.0))
     config = BenchConfig(warmup=warmup, number=number, repeat=repeat, compare_ort=compare_ort, check_outputs=check,
-                         tolerance=Tolerance(rtol=rtol, atol=atol), seed=seed, stall_timeout_s=timeout)
+                         tolerance=Tolerance(rtol=rtol, atol=atol), seed=seed, stall_timeout_s=timeout,
+                         threads=threads)
     with console.progress() as prog:
         task = prog.add_task("connecting", total=None)
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from edgec import verify as vfy
 from edgec.compile import Artifact, flatten_outputs
-from edgec.errors import EdgecError, EquivalenceError, InputError
+from edgec.errors import EdgecError, EquivalenceError, InputError, exception_summary
 from edgec.rpc import Remote, RemoteError, open_session, remote_triple
 from edgec.targets import host_arch
 
@@ -367,7 +367,7 @@ def _worker(artifact: Artifact, remote: Remote | None, cfg: BenchConfig, state: 
     timer = vm.time_evaluator("invoke_stateful", dev, number=cfg.number, repeat=1)
     # 4. onnxruntime on this host in the same run, samples interleaved with edgec's so that both
     #    see the same machine load
-    ort = _OrtTimer(artifact.model, feeds, cfg, cfg.threads if remote is None and cfg.threads else 0) if cfg.compare_ort else None
+    ort = _OrtTimer(artifact.model, feeds, cfg, (cfg.threads or 0) if remote is None else 0) if cfg.compare_ort else None
     for i in range(cfg.repeat):
         ms = float(timer("main").results[0]) * 1e3
         state.samples.append(ms)
@@ -376,11 +376,6 @@ def _worker(artifact: Artifact, remote: Remote | None, cfg: BenchConfig, state: 
         if ort is not None:
             state.ort_samples.append(ort.sample_ms())
             state.touch("measure")
-
-
-def _clean(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
 
 def run_bench(
@@ -477,7 +472,7 @@ def run_bench(
             raise exc
         if isinstance(exc, EquivalenceError):
             raise exc
-        text = exc.message if isinstance(exc, EdgecError) else _clean(exc)
+        text = exc.message if isinstance(exc, EdgecError) else exception_summary(exc)
         if state.samples or state.stage in ("warmup", "measure", "onnxruntime", "check"):
             raise BenchError(
                 f"the run on {where} failed during {state.stage}: {text} ({len(state.samples)} of {config.repeat} samples gathered)",

@@ -24,13 +24,17 @@ class EdgecError(Exception):
             return f"{self.message} ({self.hint})"
         return self.message
 
-
     @classmethod
     def wrapping(cls, what: str, exc: BaseException, hint: str | None = None) -> EdgecError:
-        """``what``, then the exception's type and the last line of its text (TVM's errors carry a
-        C++ backtrace before the line that says what went wrong)."""
-        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        return cls(f"{what}: {type(exc).__name__}: {lines[-1] if lines else ''}", hint)
+        """``what``, then :func:`exception_summary` of ``exc``."""
+        return cls(f"{what}: {exception_summary(exc)}", hint)
+
+
+def exception_summary(exc: BaseException) -> str:
+    """The exception's type and the last non-blank line of its text (TVM's errors carry a C++
+    backtrace before the line that says what went wrong)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
 
 class InputError(EdgecError):

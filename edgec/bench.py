@@ -11,11 +11,14 @@ Measurement (the shape of TVM's ``time_evaluator`` result: raw samples plus stat
 
 Before timing, the device's outputs on those inputs are compared with onnxruntime's on this host
 (the ``model.onnx`` stored in the artifact): a build that runs but computes the wrong thing fails.
-Threads: TVM's runtime sizes its pool at half the hardware threads on x86 (it assumes SMT), so on
-a 2-vCPU machine it would run single-threaded beside a 2-thread onnxruntime.  Local runs therefore
-set the pool (``runtime.config_threadpool``) to ``threads`` (default: every CPU this process may
-use) and give onnxruntime the same count; on a remote device the pool is set only when ``threads``
-is given (a Raspberry Pi 4 or 5: 4).
+Threads: the runtime's thread pool (``runtime.config_threadpool``) is set from the target's
+:class:`~edgec.targets.ThreadPolicy`, recorded in the artifact's manifest, with ``threads``
+overriding its worker count.  Host builds: one worker per physical core this process may use
+(TVM alone would take half the hardware threads on x86, assuming SMT: a single thread on a
+2-vCPU VM beside a 2-thread onnxruntime); onnxruntime gets the same count.  ARM boards: one
+worker per big core (all four on a Raspberry Pi 3/4/5; the fast cluster on big.LITTLE boards).
+On a remote device whose policy is "all cores", the pool keeps the device's default unless
+``threads`` is given.
 
 With ``compare_ort`` onnxruntime (all graph optimizations, same threads) is also timed on this
 host in the same run with the same warmup/number/repeat, one onnxruntime sample after each edgec
@@ -44,7 +47,7 @@ from edgec import verify as vfy
 from edgec.compile import Artifact, flatten_outputs
 from edgec.errors import EdgecError, EquivalenceError, InputError, exception_summary
 from edgec.rpc import Remote, RemoteError, open_session, remote_triple
-from edgec.targets import host_arch
+from edgec.targets import ThreadPolicy, host_arch
 
 #: ELF e_machine values of the architectures edgec builds for.
 _ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm", 0xF3: "riscv64"}
@@ -102,7 +105,7 @@ class BenchConfig:
     tolerance: vfy.Tolerance = vfy.Tolerance(rtol=1e-4, atol=1e-5)
     seed: int | None = None
     stall_timeout_s: float = 120.0
-    threads: int | None = None  # TVM runtime threads; None: this host's CPUs, or the device's default
+    threads: int | None = None  # TVM runtime threads; None: the artifact's thread policy
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.number < 1 or self.repeat < 1:
@@ -118,10 +121,14 @@ def host_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
-def configure_threads(config_threadpool: Callable[..., Any], threads: int, cpus: Sequence[int]) -> None:
-    """Size the TVM runtime's thread pool: ``threads`` workers, each free to run on any of ``cpus``
-    (affinity mode kSpecifyThreadShareAllCore = -3)."""
-    config_threadpool(-3, threads, [str(c) for c in cpus])
+def configure_threads(config_threadpool: Callable[..., Any], policy: ThreadPolicy, threads: int | None, cpus: Sequence[int] | None) -> None:
+    """Set the TVM runtime's thread pool as ``policy`` says (``threads`` overrides its count;
+    ``cpus``: this host's usable CPUs, ``None`` on a remote device).  Nothing when the policy
+    leaves the runtime's default."""
+    args = policy.pool_args(threads, cpus)
+    if args is not None:
+        mode, n, ids = args
+        config_threadpool(mode, n, ids) if ids else config_threadpool(mode, n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,8 +310,8 @@ def _worker(artifact: Artifact, remote: Remote | None, cfg: BenchConfig, state: 
         if m.device == "cuda":
             _register_cuda_compiler(str(m.tvm_target.get("arch", "")))
         lib = tvm.runtime.load_module(str(artifact.library))
-        if m.device == "cpu" and cfg.threads is not None:
-            configure_threads(tvm.get_global_func("runtime.config_threadpool"), cfg.threads, host_cpus())
+        if m.device == "cpu":
+            configure_threads(tvm.get_global_func("runtime.config_threadpool"), m.threads, cfg.threads, host_cpus())
     else:
         emit(BenchEvent("connect", 0, 1))
         conn = open_session(remote)
@@ -331,8 +338,8 @@ def _worker(artifact: Artifact, remote: Remote | None, cfg: BenchConfig, state: 
                 ) from None
             raise
         dev = sess.cuda(0) if m.device == "cuda" else sess.cpu(0)
-        if m.device == "cpu" and cfg.threads is not None:
-            configure_threads(sess.get_function("runtime.config_threadpool"), cfg.threads, range(cfg.threads))
+        if m.device == "cpu":
+            configure_threads(sess.get_function("runtime.config_threadpool"), m.threads, cfg.threads, None)
         if m.device == "cuda" and not dev.exist:
             raise EdgecError(f"the device at {remote.describe()} has no CUDA GPU")
     state.touch("check")
@@ -390,11 +397,12 @@ def run_bench(
     :class:`~edgec.errors.EdgecError` subclasses for bad input or an unreachable device.
     """
     art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
+    policy = art.manifest.threads
     if remote is None and config.threads is None and art.manifest.device == "cpu":
-        config = dataclasses.replace(config, threads=len(host_cpus()))
+        config = dataclasses.replace(config, threads=policy.local_count(host_cpus()))
     where = "this host" if remote is None else remote.describe()
-    if config.threads is not None and art.manifest.device == "cpu":
-        where += f", {config.threads} thread{'s' if config.threads > 1 else ''}"
+    if art.manifest.device == "cpu":
+        where += ", " + policy.describe(config.threads, host_cpus() if remote is None else None)
     if remote is not None:
         from edgec.emulate import emulated_label
 

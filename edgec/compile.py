@@ -17,7 +17,8 @@ no half-written artifact) holds::
     model.so        compiled library (TVM Relax VM executable)
     model.onnx      the ONNX model it came from (reference for output checks on the device)
     specs.json      input and output names, shapes, dtypes
-    manifest.json   target, edgec / TVM versions, model sha256, passes applied, database, checks
+    manifest.json   target, edgec / TVM versions, model sha256, passes applied, database, checks,
+                    the target's thread policy (how the runtime's thread pool should run it)
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import onnx_ir as ir
 from edgec import ir as eir
 from edgec import verify as vfy
 from edgec.errors import EdgecError, EquivalenceError, InputError, ToolMissingError
-from edgec.targets import Target, host_arch
+from edgec.targets import Target, ThreadPolicy, host_arch
 
 LIBRARY = "model.so"
 MODEL = "model.onnx"
@@ -80,20 +81,26 @@ class Manifest:
     library: str
     created: str
     verification: dict[str, Any] | None
+    threads: ThreadPolicy = ThreadPolicy()  # absent in artifacts from before it existed: the default
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["passes_applied"] = list(self.passes_applied)
+        d["threads"] = self.threads.to_json()
         return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Manifest:
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(d)
+        missing = names - set(d) - {"threads"}
         if missing:
             raise InputError(f"manifest.json lacks {sorted(missing)}", "rebuild the artifact with `edgec compile`")
-        kw = {k: d[k] for k in names}
+        kw = {k: d[k] for k in names if k in d}
         kw["passes_applied"] = tuple(kw["passes_applied"])
+        try:
+            kw["threads"] = ThreadPolicy.from_json(d.get("threads"))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise InputError(f"manifest.json: bad thread policy {d.get('threads')!r}: {exc}", "rebuild the artifact with `edgec compile`") from None
         return cls(**kw)
 
 
@@ -351,6 +358,7 @@ def compile_model(
             library=LIBRARY,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             verification=verification,
+            threads=target.threads,
         )
         (tmp / SPECS).write_text(
             json.dumps({"inputs": [s.to_json() for s in specs_in], "outputs": [s.to_json() for s in out_specs]}, indent=2)

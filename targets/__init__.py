@@ -27,7 +27,8 @@ import json
 import pkgutil
 import platform
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from edgec.errors import InputError, ToolMissingError, UnknownNameError
@@ -37,6 +38,7 @@ __all__ = [
     "TargetOptions",
     "TargetFactory",
     "Toolchain",
+    "ThreadPolicy",
     "TargetRegistry",
     "registry",
     "register_target",
@@ -77,6 +79,94 @@ class Toolchain:
         return cc.cross_compiler(self.compiler, options=list(self.options))
 
 
+def _physical_cores(cpus: Sequence[int]) -> int:
+    """How many physical cores ``cpus`` span (SMT siblings count once), from Linux's sysfs."""
+    cores = set()
+    for c in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        try:
+            cores.add((topo.joinpath("physical_package_id").read_text().strip(), topo.joinpath("core_id").read_text().strip()))
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
+
+
+def _big_cpus(cpus: Sequence[int]) -> list[int]:
+    """The CPUs of ``cpus`` with the highest ``cpuinfo_max_freq`` (all of them when unknown)."""
+    freq = {}
+    for c in cpus:
+        try:
+            freq[c] = int(Path(f"/sys/devices/system/cpu/cpu{c}/cpufreq/cpuinfo_max_freq").read_text())
+        except (OSError, ValueError):
+            return list(cpus)
+    top = max(freq.values(), default=0)
+    return [c for c in cpus if freq.get(c) == top] or list(cpus)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadPolicy:
+    """How TVM's CPU runtime should size and place its thread pool for a library built for a target.
+
+    ``cores``: ``"all"``: every CPU the process may use, one worker per physical core, each worker
+    free to run on any of them (TVM's affinity mode kSpecifyThreadShareAllCore, -3); ``"big"``:
+    the fastest cluster only, one worker pinned per core (TVM's kBig, 1: cores ranked by their
+    ``cpuinfo_max_freq``), for big.LITTLE boards, where a worker on a slow core holds up every
+    parallel loop.  On boards whose cores are all alike (Raspberry Pi 3/4/5) "big" is every core.
+    ``threads``: the worker count; ``None``: one per core of that set.
+
+    Why edgec sets it at all: TVM's runtime defaults to half the hardware threads on x86 (it
+    assumes SMT), which on a VM without SMT leaves half the cores idle beside an onnxruntime that
+    uses all of them.
+    """
+
+    cores: str = "all"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cores not in ("all", "big"):
+            raise ValueError(f"thread policy cores={self.cores!r}: 'all' or 'big'")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"thread policy threads={self.threads}: at least 1")
+
+    def pool_args(self, threads: int | None = None, cpus: Sequence[int] | None = None) -> tuple[int, int, list[str]] | None:
+        """Arguments of ``runtime.config_threadpool(mode, nthreads, cpus)``, or ``None`` to keep
+        the runtime's default.  ``threads`` overrides the policy's count; ``cpus`` are the CPUs the
+        process may use when they are known (on this host), ``None`` on a remote device."""
+        n = threads if threads is not None else self.threads
+        if self.cores == "big":
+            return (1, n or 0, [])
+        if cpus is None:
+            if n is None:
+                return None  # a remote device whose CPUs we do not know: its runtime's default
+            cpus = range(n)
+        cpus = list(cpus)
+        return (-3, n if n is not None else _physical_cores(cpus), [str(c) for c in cpus])
+
+    def local_count(self, cpus: Sequence[int]) -> int:
+        """The worker count the policy gives on this host, whose usable CPUs are ``cpus``."""
+        if self.threads is not None:
+            return self.threads
+        return _physical_cores(cpus) if self.cores == "all" else len(_big_cpus(cpus))
+
+    def describe(self, threads: int | None = None, cpus: Sequence[int] | None = None) -> str:
+        """e.g. "2 threads", "big cores", "4 threads on big cores"."""
+        args = self.pool_args(threads, cpus)
+        if args is None:
+            return "the device's default threads"
+        n = args[1]
+        count = f"{n} thread{'s' if n != 1 else ''}" if n else ""
+        if self.cores == "big":
+            return f"{count} on big cores" if count else "big cores"
+        return count
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cores": self.cores, "threads": self.threads}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> ThreadPolicy:
+        return cls() if not d else cls(cores=str(d.get("cores", "all")), threads=d.get("threads"))
+
+
 @dataclasses.dataclass(frozen=True)
 class TargetOptions:
     """Options of a target given on the command line (``--arch sm_87`` for CUDA)."""
@@ -90,7 +180,7 @@ class Target:
 
     ``config`` is the TVM target as a JSON-able dict, ``arch`` the machine architecture of the
     host side code (``x86_64``, ``aarch64``), ``device`` the TVM device the model runs on
-    (``cpu`` or ``cuda``).
+    (``cpu`` or ``cuda``), ``threads`` how the CPU runtime's thread pool should run it.
     """
 
     name: str
@@ -100,6 +190,7 @@ class Target:
     device: str = "cpu"
     toolchain: Toolchain = Toolchain()
     examples: tuple[str, ...] = ()
+    threads: ThreadPolicy = ThreadPolicy()
 
     def tvm_target(self) -> Any:
         import tvm
@@ -127,6 +218,7 @@ class Target:
             "device": self.device,
             "cross_compiler": self.toolchain.compiler,
             "debian_package": self.toolchain.debian_package,
+            "threads": self.threads.to_json(),
         }
 
 

@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from edgec.errors import InputError
-from edgec.targets import Target, TargetOptions, Toolchain, host_arch
+from edgec.targets import Target, TargetOptions, ThreadPolicy, Toolchain, host_arch
 
 
 def _arch_of(triple: str | None) -> str:
@@ -51,4 +51,7 @@ def from_json(spec: str, options: TargetOptions = TargetOptions()) -> Target:
         return CUDATarget("json", "TVM target from JSON", config, arch, "cuda", toolchain)
     from edgec.targets.host import CPUTarget
 
-    return CPUTarget("json", "TVM target from JSON", config, arch, "cpu", toolchain)
+    from edgec.targets.arm import ARM_THREADS
+
+    threads = ARM_THREADS if arch == "aarch64" else ThreadPolicy()
+    return CPUTarget("json", "TVM target from JSON", config, arch, "cpu", toolchain, threads=threads)

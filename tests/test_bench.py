@@ -13,6 +13,7 @@ import pytest
 from test_compile import small_cnn
 
 from edgec.bench import BenchConfig, LatencyStats, host_cpus, library_arch, run_bench
+from edgec.targets import ThreadPolicy
 from edgec.compile import Artifact, CompileConfig, compile_model
 from edgec.errors import EquivalenceError, InputError
 from edgec.targets import get_target
@@ -53,7 +54,7 @@ def test_statistics_follow_their_definitions() -> None:
 def test_local_bench_with_onnxruntime_ratio(host_artifact: Artifact) -> None:
     events = []
     r = run_bench(host_artifact, None, BenchConfig(warmup=1, number=3, repeat=7, compare_ort=True), events.append)
-    n = len(host_cpus())  # by default every CPU here, for TVM's pool and onnxruntime alike
+    n = ThreadPolicy().local_count(host_cpus())  # host policy: a worker per core here, for TVM and onnxruntime alike
     assert r.complete and r.error is None and r.where == f"this host, {n} thread{'s' if n > 1 else ''}"
     assert r.config.threads == n
     assert r.stats is not None and len(r.stats.samples_ms) == 7 and r.stats.min > 0
@@ -70,8 +71,8 @@ def test_threads_configure_tvm_pool_and_onnxruntime(host_artifact: Artifact, mon
     import edgec.bench as eb
     from edgec import verify as vfy
 
-    pools: list[tuple[int, list[int]]] = []
-    monkeypatch.setattr(eb, "configure_threads", lambda fn, threads, cpus: pools.append((threads, list(cpus))))
+    pools: list[tuple[int, int, list[str]] | None] = []
+    monkeypatch.setattr(eb, "configure_threads", lambda fn, policy, threads, cpus: pools.append(policy.pool_args(threads, cpus)))
     sessions: list[int] = []
     real_session = vfy.session
 
@@ -83,9 +84,50 @@ def test_threads_configure_tvm_pool_and_onnxruntime(host_artifact: Artifact, mon
     monkeypatch.setattr(eb.vfy, "session", session)
     r = run_bench(host_artifact, None, BenchConfig(warmup=0, number=1, repeat=2, compare_ort=True, threads=1))
     assert r.complete and r.where == "this host, 1 thread"
-    assert pools == [(1, host_cpus())] and sessions == [1]
+    assert pools == [(-3, 1, [str(c) for c in host_cpus()])] and sessions == [1]
     with pytest.raises(InputError):
         BenchConfig(threads=0)
+
+
+def test_thread_policy_sets_the_pool_as_the_target_says(host_artifact: Artifact, tmp_path: Path) -> None:
+    import edgec.bench as eb
+
+    cpus = [0, 1, 2, 3]
+    host, big = ThreadPolicy(), ThreadPolicy(cores="big")
+    # host: one worker per physical core, free to move between the usable CPUs; a count overrides
+    assert host.pool_args(None, cpus)[0] == -3 and host.pool_args(None, cpus)[2] == ["0", "1", "2", "3"]
+    assert 1 <= host.pool_args(None, cpus)[1] <= 4 and host.pool_args(3, cpus) == (-3, 3, ["0", "1", "2", "3"])
+    # a remote device: its CPUs are unknown, so "all" keeps its default unless a count is given
+    assert host.pool_args(None, None) is None and host.pool_args(2, None) == (-3, 2, ["0", "1"])
+    assert host.describe(None, None) == "the device's default threads" and host.describe(2, None) == "2 threads"
+    # ARM boards: TVM's kBig mode, all big cores unless a count is given
+    assert big.pool_args(None, None) == (1, 0, []) and big.pool_args(4, None) == (1, 4, [])
+    assert big.describe(None, None) == "big cores" and big.describe(4, None) == "4 threads on big cores"
+    with pytest.raises(ValueError):
+        ThreadPolicy(cores="little")
+    with pytest.raises(ValueError):
+        ThreadPolicy(threads=0)
+    # what the runtime is told: exactly the policy's arguments, and only two when no CPUs are named
+    calls: list[tuple] = []
+    eb.configure_threads(lambda *a: calls.append(a), big, None, None)
+    eb.configure_threads(lambda *a: calls.append(a), host, 2, [0, 1])
+    eb.configure_threads(lambda *a: calls.append(a), host, None, None)
+    assert calls == [(1, 0), (-3, 2, ["0", "1"])]
+    # the manifest carries the policy; artifacts from before it existed read as the default
+    old = tmp_path / "old"
+    shutil.copytree(host_artifact.path, old)
+    m = json.loads((old / "manifest.json").read_text())
+    assert m["threads"] == {"cores": "all", "threads": None}
+    m["threads"] = {"cores": "big", "threads": 2}
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert Artifact.load(old).manifest.threads == ThreadPolicy(cores="big", threads=2)
+    del m["threads"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert Artifact.load(old).manifest.threads == ThreadPolicy()
+    m["threads"] = {"cores": "middle"}
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(InputError, match="thread policy"):
+        Artifact.load(old)
 
 
 def test_wrong_outputs_are_caught(host_artifact: Artifact, tmp_path: Path) -> None:

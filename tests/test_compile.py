@@ -207,6 +207,7 @@ def test_arm64_cross_compile(tmp_path: Path, name: str) -> None:
     assert res.verification is None  # not runnable here: checked on the device by `edgec bench`
     assert library_arch(res.artifact.library) == "aarch64"
     assert res.artifact.manifest.arch == "aarch64" and res.artifact.manifest.tvm_target["mtriple"] == "aarch64-linux-gnu"
+    assert res.artifact.manifest.threads.cores == "big"  # the runtime runs it on the board's big cores
 
 
 def test_cuda_builds_without_a_gpu(tmp_path: Path) -> None:

@@ -53,7 +53,8 @@ Examples:
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Give up after this many seconds without progress.")
 @click.option("--wait", type=float, default=60.0, show_default=True, help="Seconds to wait for a free device at the tracker.")
 @click.option("--threads", type=int, default=None,
-              help="TVM runtime threads (default: this host's CPUs, also given to onnxruntime; on a device: its runtime's default).")
+              help="TVM runtime threads (default: the target's thread policy: one per core here, also given to "
+                   "onnxruntime; on an ARM board one per big core; other devices keep their runtime's default).")
 @click.option("--seed", type=int, default=None, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (raw samples included).")
 def command(artifact: Path, rpc_addr: str | None, tracker: str | None, key: str | None, warmup: int, number: int,

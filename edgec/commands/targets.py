@@ -7,6 +7,14 @@ import click
 from edgec import console
 
 
+def _threads(t) -> str:
+    """The runtime's thread policy in a few words (CPU targets only)."""
+    if t.device != "cpu":
+        return "-"
+    per = "big core" if t.threads.cores == "big" else "core"
+    return f"{t.threads.threads} on {per}s" if t.threads.threads else f"one per {per}"
+
+
 @click.command("targets", epilog="""\b
 Examples:
   edgec targets
@@ -37,8 +45,8 @@ def command(as_json: bool) -> None:
         return
     table = console.table(
         "Targets",
-        ["name", "what it is", "arch", "device", "TVM target", "can build here"],
-        [(t.name, s, t.arch, t.device, t.describe(), r) for t, s, r in rows],
+        ["name", "what it is", "arch", "device", "threads", "TVM target", "can build here"],
+        [(t.name, s, t.arch, t.device, _threads(t), t.describe(), r) for t, s, r in rows],
         numeric_from=99,
     )
     console.out.print(table)

@@ -20,6 +20,12 @@ Correctness is checked in the same run: edgec's outputs on the board vs onnxrunt
     python bench/arm_emulated.py --models mobilenet_v2,mcunet --rounds 3 --repeat 3
     python bench/arm_emulated.py --width 0.35 --resolution 96 --cpu cortex-a76 --json
     python bench/arm_emulated.py --db tuning-db/                   # apply a MetaSchedule database
+    python bench/arm_emulated.py --models mcunet --precision fp32,int8
+
+``--precision int8``: the model quantized by ``edgec quantize`` (QDQ, uint8 activations, int8
+per-channel weights, calibrated on scikit-image photos, as ``bench/quant_speed.py`` does); both
+runtimes run that same QDQ model; their outputs may differ by a rounding step here and there
+(the check then allows 5 % of the output range; the error column says how far apart they are).
 
 Needs root and the board's Debian packages (``sudo bash scripts/arm_board.sh``).
 """
@@ -35,7 +41,17 @@ import time
 from pathlib import Path
 
 
-def measure(name: str, args: argparse.Namespace, board, work: Path) -> dict:  # noqa: ANN001
+def quantized(proto):  # noqa: ANN001, ANN201
+    """``proto`` quantized as ``edgec quantize`` does by default (calibrated on scikit-image photos)."""
+    from edgec.calibration import BuiltinDataset
+    from edgec.passes.quantize import QuantConfig, quantize_model
+    from edgec.verify import input_specs
+
+    calib = BuiltinDataset("photos").load(input_specs(proto), 16)
+    return quantize_model(proto, calib, QuantConfig(activations="uint8")).model
+
+
+def measure(name: str, precision: str, args: argparse.Namespace, board, work: Path) -> dict:  # noqa: ANN001
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -52,11 +68,17 @@ def measure(name: str, args: argparse.Namespace, board, work: Path) -> dict:  # 
         kw["width_mult"] = args.width
     if args.resolution is not None:
         kw["resolution"] = args.resolution
-    proto = export_zoo_model(name, **kw)
+    proto = export_zoo_model(name, fold_bn=True, **kw)
+    if precision == "int8":
+        proto = quantized(proto)
     t = time.perf_counter()
-    art = compile_model(proto, work / name, CompileConfig(target=get_target(args.cpu), database=args.db)).artifact
+    art = compile_model(proto, work / f"{name}-{precision}", CompileConfig(target=get_target(args.cpu), database=args.db)).artifact
     compile_s = time.perf_counter() - t
     remote = Remote.direct(f"{board.connect_host}:{board.port}", connect_timeout_s=30.0)
+    from edgec.verify import Tolerance
+
+    # int8: one output step of rounding apart is agreement; the error is reported either way
+    tolerance = Tolerance(rtol=1e-4, atol=1e-5) if precision == "fp32" else Tolerance(rtol=0.05, atol=0.0)
     tvm_ms: list[float] = []
     ort_ms: list[float] = []
     where = ""
@@ -65,7 +87,7 @@ def measure(name: str, args: argparse.Namespace, board, work: Path) -> dict:  # 
     ort_version = ""
     for r in range(args.rounds):
         res = run_bench(art, remote, BenchConfig(warmup=1, number=1, repeat=args.repeat, stall_timeout_s=args.timeout,
-                                                 check_outputs=(r == 0)))
+                                                 check_outputs=(r == 0), threads=args.threads, tolerance=tolerance))
         tvm_ms += res.stats.samples_ms
         where = res.where
         if res.equivalence is not None:
@@ -77,12 +99,12 @@ def measure(name: str, args: argparse.Namespace, board, work: Path) -> dict:  # 
         if r == 0:
             host = ort.InferenceSession(str(art.model), providers=["CPUExecutionProvider"]).run(None, o.inputs)
             ort_err = max(float(np.abs(h - e).max() / max(float(np.abs(h).max()), 1e-12)) for h, e in zip(host, o.outputs))
-        print(f"  {name} round {r + 1}/{args.rounds}: edgec {statistics.median(res.stats.samples_ms):.1f} ms, "
+        print(f"  {name} {precision} round {r + 1}/{args.rounds}: edgec {statistics.median(res.stats.samples_ms):.1f} ms, "
               f"onnxruntime {statistics.median(o.stats.samples_ms):.1f} ms (emulated)", file=sys.stderr)
     m = onnx.load(str(art.model))
     shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
     e, o_ = statistics.median(tvm_ms), statistics.median(ort_ms)
-    return {"model": name, "input": shape, "cpu": args.cpu, "threads": args.threads, "where": where,
+    return {"model": name, "precision": precision, "input": shape, "cpu": args.cpu, "threads": args.threads, "where": where,
             "edgec_ms_median": e, "onnxruntime_ms_median": o_, "ratio": e / o_, "edgec_samples": len(tvm_ms),
             "ort_samples": len(ort_ms), "edgec_max_rel_err_vs_host_ort": device_err,
             "emulated_ort_max_rel_err_vs_host_ort": ort_err, "onnxruntime": ort_version, "compile_s": compile_s,
@@ -99,6 +121,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--precision", default="fp32", help="fp32, int8 or fp32,int8 (int8: the edgec-quantized QDQ model)")
     p.add_argument("--db", type=Path, default=None, help="MetaSchedule database folder (edgec tune --db)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -113,15 +136,16 @@ def main() -> int:
                                 start_timeout_s=300)
         with em.emulated_board(config, progress=lambda s: print(s, file=sys.stderr)) as board:
             for name in args.models.split(","):
-                rows.append(measure(name.strip(), args, board, Path(tmp)))
+                for precision in args.precision.split(","):
+                    rows.append(measure(name.strip(), precision.strip(), args, board, Path(tmp)))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     console.out.print(console.table(
         f"EMULATED {args.cpu} (qemu user-mode on this x86 host, {args.threads} thread(s)): edgec vs onnxruntime aarch64",
-        ["model", "input", "edgec ms (emulated)", "onnxruntime ms (emulated)", "edgec / ort", "edgec err", "ort-arm err"],
-        [(r["model"], "x".join(map(str, r["input"])), r["edgec_ms_median"], r["onnxruntime_ms_median"], r["ratio"],
-          r["edgec_max_rel_err_vs_host_ort"], r["emulated_ort_max_rel_err_vs_host_ort"]) for r in rows], numeric_from=2))
+        ["model", "precision", "input", "edgec ms (emulated)", "onnxruntime ms (emulated)", "edgec / ort", "edgec err", "ort-arm err"],
+        [(r["model"], r["precision"], "x".join(map(str, r["input"])), r["edgec_ms_median"], r["onnxruntime_ms_median"], r["ratio"],
+          r["edgec_max_rel_err_vs_host_ort"], r["emulated_ort_max_rel_err_vs_host_ort"]) for r in rows], numeric_from=3))
     console.out.print(f"onnxruntime {rows[0]['onnxruntime'] if rows else '?'} (aarch64 wheel) in the emulated userland; "
                       f"medians of {args.rounds} interleaved rounds x {args.repeat} samples; errors are max |diff| / max |ref| "
                       f"vs onnxruntime on this host; total {time.perf_counter() - t0:.0f} s")

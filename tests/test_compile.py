@@ -314,6 +314,13 @@ def test_tune_then_compile_with_the_database(tmp_path: Path, run_cli) -> None:
     assert rep["trials_done"] >= 1 and rep["tasks"]
     assert any(t["best_ms"] is not None for t in rep["tasks"]), rep
     assert (db / "database_tuning_record.json").stat().st_size > 0
+    # seeded with edgec's rules: every task has the rules' timing, and the best is never worse than it
+    assert all(t["rules_ms"] is not None and 0 < t["best_ms"] <= t["rules_ms"] for t in rep["tasks"]), rep
+    from edgec.compile import import_onnx
+    from edgec.tune import database_coverage
+
+    cov = database_coverage(import_onnx(proto, vfy.input_specs(proto)), get_target("host"), db)
+    assert cov.found and not cov.missing, cov  # every function has a record, the rules' at least
     # reuse without re-tuning; the tuned build still computes the model
     res = compile_model(src, tmp_path / "build", CompileConfig(get_target("host"), database=db))
     assert res.artifact.manifest.database == str(db) and res.verification is not None and res.verification.passed

@@ -106,6 +106,16 @@ CONV_CASES = {
     # materialized padding (long reduction) with channels not a multiple of the vector width
     "dense3x3_odd_wide": (40, 52, 3, 1, 1, 9, {"residual": False}),
     "dense5x5_stride2_no_bn": (24, 40, 5, 2, 1, 11, {"bn": False}),
+    # narrow / odd channel counts: 40 = 5 vectors of 8 lanes, 200 = 25 (Tc = 5, not 1)
+    "pointwise_five_vectors": (160, 40, 1, 1, 1, 9, {"clip": False}),
+    "pointwise_narrow_to_wide": (40, 200, 1, 1, 1, 5, {}),
+    "pointwise_48": (24, 48, 1, 1, 1, 6, {}),
+    # large-kernel strided depthwise with padding (MCUNet), 24 channels = 3 vectors of 8
+    "depthwise7x7_stride2_24": (24, 24, 7, 2, 24, 15, {}),
+    # stems reading the NCHW model input directly (transpose folded into the conv)
+    "stem_rgb_7x7_stride2": (3, 64, 7, 2, 1, 23, {}),
+    "stem_rgb_1x1_no_padding": (3, 8, 1, 1, 1, 6, {"bn": False}),
+    "stem_rgb_residual_input_read_twice": (3, 3, 3, 1, 1, 8, {"residual": True}),
 }
 
 
@@ -146,6 +156,38 @@ def test_pool_and_gemm_match_onnxruntime(pool):
     model = head_model(pool=pool)
     y, ref = _run_both(model, (1, 40, 7, 7), 3)
     assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max())
+
+
+def test_classifier_with_1000_classes_matches_onnxruntime():
+    """1000 outputs = 125 vectors of 8 lanes: the matvec tile is 5 vectors wide (not 1)."""
+    from edgec.schedules.cpu import tile_shape
+
+    assert tile_shape(125, 1, 32) == (1, 5)
+    model = head_model(cin=64, hw=3, classes=1000)
+    for seed in (1, 2):
+        y, ref = _run_both(model, (1, 64, 3, 3), seed)
+        assert y.shape == ref.shape == (1, 1000)
+        assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max())
+
+
+def test_input_transpose_folds_into_the_stem_conv():
+    """The NCHW model input feeds the stem conv directly: no input transpose function is left,
+    the conv function reads the NCHW input and is still register-tiled (parallel + vector)."""
+    model = conv_block(3, 16, 3, 2, 1, 17)
+    script = _relax_ops_after_layout(model)
+    assert script.count("R.permute_dims") == 1, script  # only the output's NHWC -> NCHW
+    assert "conv2d_nchw_nhwc" in script
+    funcs = _scheduled_funcs(model)
+    stems = {n: s for n, s in funcs.items() if "conv2d_nchw_nhwc" in n}
+    assert len(stems) == 1, list(funcs)
+    (stem,) = stems.values()
+    assert "T.parallel" in stem and "T.vectorized" in stem and '"local"' in stem
+    assert "(T.int64(1), T.int64(3), T.int64(17), T.int64(17))" in stem  # NCHW input buffer
+    # the input also read by the residual add: the conv still reads NCHW, the add keeps its own
+    # transpose of the input (numerics: CONV_CASES["stem_rgb_residual_input_read_twice"])
+    script = _relax_ops_after_layout(conv_block(3, 3, 3, 1, 1, 8, residual=True))
+    assert "conv2d_nchw_nhwc" in script and "R.nn.conv2d" not in script
+    assert script.count("R.permute_dims(x") == 1, script
 
 
 def test_rules_fire_on_every_conv_form():
@@ -282,16 +324,21 @@ def _relax_ops_after_layout(model):
     return mod["main"].script(show_meta=False)
 
 
+def _n_convs(script):
+    """Convs in a Relax script: ``R.nn.conv2d`` or the stem conv reading the NCHW input."""
+    return script.count("R.nn.conv2d") + script.count("R.call_tir(conv2d_nchw_nhwc")
+
+
 def test_batchnorm_folds_into_conv_weights():
     """Conv -> BN becomes one conv (scaled weights) + one bias add; no divide/subtract/multiply left."""
     script = _relax_ops_after_layout(conv_block(16, 32, 3, 1, 1, 8, clip=False))
-    assert script.count("R.nn.conv2d") == 1
+    assert _n_convs(script) == 1
     for op in ("R.divide", "R.subtract", "R.multiply"):
         assert op not in script, op
     # a value read twice keeps its conv and chain: folding would duplicate the conv
     model, _ = _affine_model([("Mul", (24, 1, 1))], extra_use=True)
     script = _relax_ops_after_layout(model)
-    assert script.count("R.nn.conv2d") == 1 and "R.multiply" in script
+    assert _n_convs(script) == 1 and "R.multiply" in script
     # a constant that is not per output channel is not folded
     model, _ = _affine_model([("Add", (1, 1, 9, 9))])
     assert "R.add" in _relax_ops_after_layout(model)
@@ -308,6 +355,9 @@ def test_tile_shape_fits_registers_and_divides():
                 assert tw == tc == 1 or tc * (tw + 1) + 1 <= registers, (c_vectors, w_ext, tw, tc)
     # the spilling tile of the old heuristic (7 pixels x 4 vectors on 32 registers) is never chosen
     assert tile_shape(36, 14, 32) != (7, 4)
+    # odd vector counts get a wide tile instead of one vector: 40 channels at 9x9, 200 at 5x5
+    assert tile_shape(5, 9, 32) == (3, 5)
+    assert tile_shape(25, 5, 32)[1] == 5
 
 
 def test_padding_materialized_for_dense_inlined_for_strided_depthwise():

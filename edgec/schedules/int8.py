@@ -1,0 +1,846 @@
+"""Integer int8 kernels for QDQ models on x86 AVX-512 VNNI (issue 7, int8 part).
+
+TVM's ONNX frontend imports a QDQ layer as float arithmetic around ``quantize``/``dequantize``:
+
+``y_q = Q(act(conv(DQ(x_q), DQ(W_q)) + DQ(b_q)))``
+
+with ``DQ(q) = (q - z) * s`` and ``Q(y) = clamp(round(y / s_y) + z_y, 0, 255)``.  This module
+rewrites such a layer (Conv with ``groups == 1`` of any kernel size, stride, padding and dilation;
+Gemm/MatMul with a constant weight) into one integer kernel.
+
+Math.  Activations ``x_q`` are uint8 with per-tensor ``(s_x, z_x)``, weights int8 symmetric per
+output channel ``o`` (``z_w = 0``, scale ``s_w[o]``).  With the input padded by ``z_x`` (a padded
+tap then contributes ``(z_x - z_x) * s_x = 0``, exactly as the float conv's zero padding):
+
+``conv(DQ(x_q), DQ(W_q))[o] = s_x s_w[o] * sum_t (x_q[t] - z_x) W_q[o, t]
+                            = s_x s_w[o] * (acc[o] - z_x * sum_t W_q[o, t])``
+
+where ``acc[o] = sum_t x_q[t] W_q[o, t]`` is a uint8 x int8 -> int32 dot product over the taps
+``t = (kh, kw, c)``: 4 taps per ``vpdpbusd`` lane, 16 output channels per instruction.  The
+correction ``z_x * sum_t W_q[o, t]`` is a per-channel integer folded into the bias at compile time:
+
+``ib[o] = -z_x * sum_t W_q[o, t] (+ b_q[o]  when  s_b[o] == s_x s_w[o])``, ``fb[o] = b[o] / s_y`` otherwise
+``m[o] = s_x s_w[o] / s_y``
+``f = float(acc[o] + ib[o]) * m[o] + fb[o]``
+``y_q = clamp(round(f) + z_y, lo, hi)``
+
+The activation folds into the clamp because ``round`` is monotone: ReLU gives ``lo = z_y``,
+``Clip(a, b)`` gives ``[z_y + round(a / s_y), z_y + round(b / s_y)]``, both intersected with
+``[0, 255]``.  A layer whose output is not quantized (a float classifier) uses ``m[o] = s_x s_w[o]``,
+``f = float(acc + ib) * m + b`` and the activation as a float clamp.  ``acc`` is exact in int32
+(``|acc| <= 255 * 127 * taps``, below ``2^31`` for up to 66,000 taps), so the only rounding left is
+the float epilogue's (one multiply, one add, one round), which is what onnxruntime's QLinearConv
+does too: results differ from onnxruntime by at most one output step.
+
+Layout.  Activations are NHWC uint8 (the channel axis innermost, 4 consecutive channels are one
+VNNI operand), input channels padded to ``C4 = ceil(C / 4) * 4`` with ``z_x``; weights are packed
+in numpy at compile time to ``[K/16, KH, KW, C4/4, 16, 4]`` int8 (zeros in the padding, so the
+padded channels add nothing), i.e. the 16 x 4 block one ``vpdpbusd`` reads is contiguous.
+
+Kernel (one PrimFunc per layer, scheduled here, ``tirx.is_scheduled``)::
+
+    parallel for (row, pixel tile, channel tile):          # or channel tiles outermost when the
+        acc[Tw][Tc*16] = 0                                   # weights outweigh the activations
+        for kh, kw, c4:
+            unroll for i < Tw: unroll for j < Tc:
+                acc[i][16j:16j+16] = vpdpbusd(acc[i][16j:16j+16], bcast(x[.., 4 c4:4 c4+4]), Wp[..])
+        y[tile] = requantize(acc)                            # epilogue per tile, registers hot
+
+``Tw*Tc + Tc <= 32`` zmm registers (accumulators + weight vectors; the input is a broadcast memory
+operand), the output row padded up to a multiple of ``Tw`` and the channel blocks to a multiple
+of ``Tc`` when that gives a better tile (see :func:`choose_tile`).  Padding (spatial with ``z_x``,
+channels to ``C4``, extra columns of a padded row) is one parallel pass over the input when
+needed (1x1 convs over a multiple of 4 channels read the input directly).
+
+Layout propagation.  TVM's ``ConvertLayout`` does not see through ``quantize``/``dequantize``
+(the QDQ graph would get a transpose around every layer), so this pass keeps its own NHWC copy of
+every 4-D tensor reachable from an integer kernel through layout-free ops: element-wise ops with
+per-tensor (scalar) quantization parameters (residual ``DQ -> add -> Q``), ``relu``/``clip``,
+pooling (re-emitted with ``layout="NHWC"``), spatial means and float convs (depthwise and
+grouped QDQ convs stay float, re-emitted NHWC/HWIO, as edgec's fp32 channels-last layout does).
+A consumer with no NHWC form reads a transpose back to NCHW; a kernel input with no NHWC form
+(the stem) transposes the uint8 tensor.  Unused NCHW values are removed.
+
+The rewrite applies only where the target has AVX-512 VNNI (``avx512vnni``); elsewhere the QDQ
+graph keeps TVM's float lowering.  int8 (signed) activations are left to the float path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+#: name of edgec's 16x4 u8 x s8 -> s32 VNNI tensor intrinsic (TVM 0.27's own ``dot_16x4_vnni``
+#: calls ``llvm.x86.avx512.vpdpbusd.512`` with i32 vectors, which the bundled LLVM rejects: the
+#: intrinsic takes ``<64 x i8>`` operands).
+VNNI_INTRIN = "edgec_dot_16x4_u8i8i32_vnni"
+
+LANES = 16  # int32 lanes of one zmm accumulator
+GROUP = 4  # uint8 taps per int32 lane (one vpdpbusd)
+REGISTERS = 32  # zmm registers
+MAX_TW = 8
+
+
+def has_vnni(target: Any) -> bool:
+    """Whether an llvm ``target`` has AVX-512 VNNI (``vpdpbusd``)."""
+    if target is None or target.kind.name != "llvm":
+        return False
+    from tvm.target import codegen
+
+    try:
+        return bool(codegen.llvm_cpu_has_features(["avx512vnni"], target))
+    except Exception:  # noqa: BLE001 - a CPU llvm does not know has no VNNI
+        return False
+
+
+def register_intrinsics() -> str:
+    """Register the VNNI tensor intrinsic with TVM (once per process); returns its name."""
+    from tvm.s_tir import TensorIntrin
+
+    if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is not None:
+        return VNNI_INTRIN
+    # (importing tvm.s_tir.tensor_intrin would parse every target's intrinsics: ~50 s here)
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a_u8 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                a_u8,
+                B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16",
+            )
+
+    TensorIntrin.register(VNNI_INTRIN, desc, impl, override=True)
+    return VNNI_INTRIN
+
+
+# --- one integer layer -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QConv:
+    """Geometry and requantization of one integer conv (a dense layer is a 1 x M image, 1x1 kernel).
+
+    ``out_dtype`` ``"uint8"``: ``clamp(round(f) + out_zero_point, lo, hi)``; ``"float32"``:
+    ``clamp(f, lo, hi)`` (``lo``/``hi`` may be infinite).
+    """
+
+    height: int
+    width: int
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int] = (1, 1)
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    dilation: tuple[int, int] = (1, 1)
+    x_zero_point: int = 0
+    out_dtype: str = "uint8"
+    out_zero_point: int = 0
+    lo: float = 0.0
+    hi: float = 255.0
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilation
+        pt, pl, pb, pr = self.padding
+        oh = (self.height + pt + pb - (kh - 1) * dh - 1) // sh + 1
+        ow = (self.width + pl + pr - (kw - 1) * dw - 1) // sw + 1
+        return oh, ow
+
+    @property
+    def c_groups(self) -> int:
+        return -(-self.in_channels // GROUP)
+
+    @property
+    def k_blocks(self) -> int:
+        return -(-self.out_channels // LANES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """Register tile: ``tw`` output pixels x ``tc`` blocks of 16 channels; padded extents."""
+
+    tw: int
+    tc: int
+    out_width: int  # output row padded to a multiple of tw
+    k_blocks: int  # channel blocks padded to a multiple of tc
+    channels_outside: bool  # channel tiles are the outer parallel loop (large weights)
+
+
+def choose_tile(conv: QConv) -> Tile:
+    """The tile maximizing ``tw*tc / (tw + tc)`` (dot products per operand load) times the useful
+    fraction of the padded row and channel blocks, with ``tw*tc + tc <= 32`` registers."""
+    _, ow = conv.out_hw
+    ko = conv.k_blocks
+    best: tuple[float, Tile] | None = None
+    for tc in (4, 3, 2, 1):
+        kop = -(-ko // tc) * tc
+        for tw in range(1, MAX_TW + 1):
+            if tw * tc + tc > REGISTERS:
+                continue
+            owp = -(-ow // tw) * tw
+            score = (tw * tc / (tw + tc)) * (ow / owp) * (ko / kop)
+            if best is None or score > best[0] + 1e-9:
+                best = (score, Tile(tw, tc, owp, kop, False))
+    assert best is not None
+    tile = best[1]
+    oh, _ = conv.out_hw
+    weight_bytes = conv.k_blocks * LANES * conv.kernel[0] * conv.kernel[1] * conv.c_groups * GROUP
+    data_bytes = conv.height * conv.width * conv.c_groups * GROUP
+    n_pixel_tiles = oh * (tile.out_width // tile.tw)
+    n_channel_tiles = tile.k_blocks // tile.tc
+    outside = n_channel_tiles > 1 and n_channel_tiles * data_bytes + weight_bytes < n_pixel_tiles * weight_bytes + data_bytes
+    return dataclasses.replace(tile, channels_outside=outside)
+
+
+def pack_weight(w_q: Any, tile: Tile) -> Any:
+    """int8 ``[K, C, KH, KW]`` -> ``[Ko, KH, KW, C4/4, 16, 4]`` with zero padding (numpy)."""
+    import numpy as np
+
+    k, c, kh, kw = w_q.shape
+    c4 = -(-c // GROUP)
+    full = np.zeros((tile.k_blocks * LANES, c4 * GROUP, kh, kw), np.int8)
+    full[:k, :c] = w_q
+    return np.ascontiguousarray(full.reshape(tile.k_blocks, LANES, c4, GROUP, kh, kw).transpose(0, 4, 5, 2, 1, 3))
+
+
+def needs_pad(conv: QConv, tile: Tile) -> bool:
+    oh, _ = conv.out_hw
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel, conv.strides, conv.dilation
+    hp = (oh - 1) * sh + (kh - 1) * dh + 1
+    wp = (tile.out_width - 1) * sw + (kw - 1) * dw + 1
+    pt, pl, _, _ = conv.padding
+    return pt > 0 or pl > 0 or hp > conv.height or wp > conv.width or conv.in_channels % GROUP != 0
+
+
+def conv_primfunc(conv: QConv, tile: Tile) -> Any:
+    """The scheduled integer kernel ``(X[1,H,W,C] u8, Wp, ib[K'] i32, m[K'] f32, fb[K'] f32) -> Y``.
+
+    ``Y`` is ``[1, OH, OW, K]`` of ``conv.out_dtype``; ``K' = tile.k_blocks * 16``.
+    """
+    from tvm import s_tir, te, tirx
+
+    intrin = register_intrinsics()
+    oh, ow = conv.out_hw
+    owp = tile.out_width
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel, conv.strides, conv.dilation
+    pt, pl, _, _ = conv.padding
+    c4 = conv.c_groups
+    kp = tile.k_blocks * LANES
+    hp = (oh - 1) * sh + (kh - 1) * dh + 1
+    wp = (owp - 1) * sw + (kw - 1) * dw + 1
+    h, w, c = conv.height, conv.width, conv.in_channels
+
+    x = te.placeholder((1, h, w, c), "uint8", name="X")
+    wpk = te.placeholder((tile.k_blocks, kh, kw, c4, LANES, GROUP), "int8", name="W")
+    ib = te.placeholder((kp,), "int32", name="ib")
+    m = te.placeholder((kp,), "float32", name="m")
+    fb = te.placeholder((kp,), "float32", name="fb")
+    pad = needs_pad(conv, tile)
+    if pad:
+        zx = tirx.const(conv.x_zero_point, "uint8")
+
+        def padded(n: Any, i: Any, j: Any, k: Any) -> Any:
+            inside = tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl, k < c)
+            return tirx.if_then_else(
+                inside, x[n, tirx.max(tirx.min(i - pt, h - 1), 0), tirx.max(tirx.min(j - pl, w - 1), 0), tirx.min(k, c - 1)], zx
+            )
+
+        xp = te.compute((1, hp, wp, c4 * GROUP), padded, name="pad")
+    else:
+        xp = x
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    rc = te.reduce_axis((0, c4), "rc")
+    ri = te.reduce_axis((0, GROUP), "ri")
+    acc = te.compute(
+        (1, oh, owp, kp),
+        lambda n, i, j, k: te.sum(
+            xp[n, i * sh + rh * dh, j * sw + rw * dw, rc * GROUP + ri].astype("int32")
+            * wpk[k // LANES, rh, rw, rc, k % LANES, ri].astype("int32"),
+            axis=[rh, rw, rc, ri],
+        ),
+        name="acc",
+    )
+
+    def epilogue(n: Any, i: Any, j: Any, k: Any) -> Any:
+        f = (acc[n, i, j, k] + ib[k]).astype("float32") * m[k] + fb[k]
+        if conv.out_dtype == "uint8":
+            f = tirx.round(f) + tirx.const(float(conv.out_zero_point), "float32")
+        if math.isfinite(conv.lo):
+            f = tirx.max(f, tirx.const(float(conv.lo), "float32"))
+        if math.isfinite(conv.hi):
+            f = tirx.min(f, tirx.const(float(conv.hi), "float32"))
+        return f.astype(conv.out_dtype) if conv.out_dtype != "float32" else f
+
+    y = te.compute((1, oh, ow, conv.out_channels), epilogue, name="out")
+    func = te.create_prim_func([x, wpk, ib, m, fb, y])
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("acc")
+    n, i, j, k, r_h, r_w, r_c, r_i = sch.get_loops(block)
+    j_o, j_i = sch.split(j, [None, tile.tw])
+    k_o, k_m, k_i = sch.split(k, [None, tile.tc, LANES])
+    if tile.channels_outside:
+        sch.reorder(k_o, n, i, j_o, r_h, r_w, r_c, j_i, k_m, k_i, r_i)
+        fused = sch.fuse(k_o, n, i, j_o)
+    else:
+        sch.reorder(n, i, j_o, k_o, r_h, r_w, r_c, j_i, k_m, k_i, r_i)
+        fused = sch.fuse(n, i, j_o, k_o)
+    sch.parallel(fused)
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, fused)
+    init = sch.decompose_reduction(block, r_h)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(j_i)
+    sch.unroll(k_m)
+    sch.tensorize(k_i, intrin)
+    sch.set_scope(init, 0, "local")
+    out_loops = sch.get_loops(out)
+    inner = out_loops[-1]
+    ext = sch.get(inner).extent
+    if isinstance(ext, tirx.IntImm) and int(ext.value) % LANES == 0 and conv.out_channels % (LANES * tile.tc) == 0:
+        _, vec = sch.split(inner, [None, LANES])
+        sch.vectorize(vec)
+    if pad:
+        pblock = sch.get_sblock("pad")
+        ploops = sch.get_loops(pblock)
+        sch.parallel(sch.fuse(ploops[0], ploops[1]))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Requant:
+    """Per-output-channel constants of the epilogue (numpy, padded to ``tile.k_blocks * 16``)."""
+
+    ib: Any  # int32
+    m: Any  # float32
+    fb: Any  # float32
+
+
+def requant_constants(
+    w_q: Any, w_scale: Any, x_scale: float, x_zero_point: int, bias: Any | None, bias_q: Any | None, bias_scale: Any | None,
+    out_scale: float | None, tile: Tile,
+) -> Requant:
+    """``ib, m, fb`` of the module docstring.  ``bias`` float (or None), ``bias_q``/``bias_scale``
+    its int32 form if it was quantized; ``out_scale`` None for a float output."""
+    import numpy as np
+
+    k = w_q.shape[0]
+    kp = tile.k_blocks * LANES
+    sw = np.broadcast_to(np.asarray(w_scale, np.float64).reshape(-1), (k,))
+    sxw = float(x_scale) * sw
+    ib = -int(x_zero_point) * w_q.reshape(k, -1).astype(np.int64).sum(axis=1)
+    fbias = np.zeros(k, np.float64)
+    if bias_q is not None and bias_scale is not None:
+        sb = np.broadcast_to(np.asarray(bias_scale, np.float64).reshape(-1), (k,))
+        if np.allclose(sb, sxw, rtol=1e-6, atol=0.0):
+            ib = ib + bias_q.astype(np.int64).reshape(-1)
+        else:
+            fbias = bias_q.astype(np.float64).reshape(-1) * sb
+    elif bias is not None:
+        fbias = np.asarray(bias, np.float64).reshape(-1)
+    div = float(out_scale) if out_scale is not None else 1.0
+    pad = kp - k
+    return Requant(
+        ib=np.pad(ib, (0, pad)).astype(np.int32),
+        m=np.pad(sxw / div, (0, pad)).astype(np.float32),
+        fb=np.pad(fbias / div, (0, pad)).astype(np.float32),
+    )
+
+
+# --- the Relax rewrite -------------------------------------------------------------------------
+
+_ACTS = ("relax.nn.relu", "relax.maximum", "relax.minimum", "relax.clip")
+_ELEMENTWISE = (
+    "relax.quantize", "relax.dequantize", "relax.add", "relax.subtract", "relax.multiply", "relax.divide",
+    "relax.maximum", "relax.minimum", "relax.nn.relu", "relax.clip", "relax.astype", "relax.sigmoid",
+    "relax.tanh", "relax.nn.silu", "relax.round", "relax.floor", "relax.exp", "relax.negative",
+)
+_POOLS = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d")
+_TO_NHWC = [0, 2, 3, 1]
+_TO_NCHW = [0, 3, 1, 2]
+#: a 4-D operand without an NHWC copy is transposed for an element-wise op up to this size
+#: (per-channel constants; larger ones keep the op in NCHW)
+_SMALL_OPERAND = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class QLayer:
+    """One matched QDQ Conv/Gemm/MatMul: what :func:`conv_primfunc` needs, plus its input."""
+
+    kind: str  # "conv" or "dense"
+    x_q: Any  # the uint8 input (a Relax Var; NCHW for conv, [M, K] for dense)
+    x_scale: float
+    x_zero_point: int
+    w_q: Any  # numpy int8 [K, C, KH, KW] (dense: [N, K, 1, 1])
+    w_scale: Any  # numpy float [K] or scalar
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    bias: Any | None  # numpy float [K] (a float constant bias)
+    bias_q: Any | None  # numpy int [K] (a dequantized int32 bias)
+    bias_scale: Any | None
+    out_scale: float | None  # None: float output
+    out_zero_point: int
+    lo: float  # activation bounds, float domain
+    hi: float
+
+
+def _op(e: Any) -> str:
+    from tvm import relax
+
+    return str(e.op.name) if isinstance(e, relax.Call) and hasattr(e.op, "name") else ""
+
+
+def _const(e: Any) -> Any | None:
+    import tvm
+
+    return e.value.numpy() if isinstance(e, tvm.ir.expr.Constant) else None
+
+
+def _scalar(e: Any) -> float | None:
+    v = _const(e)
+    if v is None or v.size != 1:
+        return None
+    return float(v.reshape(-1)[0])
+
+
+def _shape(e: Any) -> list[int] | None:
+    shape = getattr(getattr(e, "ty", None), "shape", None)
+    if shape is None:
+        return None
+    try:
+        return [int(d) for d in shape]
+    except (TypeError, ValueError):
+        return None
+
+
+def _dtype(e: Any) -> str:
+    return str(getattr(getattr(e, "ty", None), "dtype", ""))
+
+
+class _Graph:
+    """Bindings of one Relax function: value and use count of each variable."""
+
+    def __init__(self, func: Any) -> None:
+        from tvm import relax
+
+        self.values: dict[Any, Any] = {}
+        self.uses: dict[Any, int] = {}
+        self.users: dict[Any, list[Any]] = {}
+
+        def count(e: Any, user: Any) -> None:
+            if isinstance(e, relax.Var):
+                self.uses[e] = self.uses.get(e, 0) + 1
+                self.users.setdefault(e, []).append(user)
+            elif isinstance(e, relax.Call):
+                for a in e.args:
+                    count(a, user)
+            elif isinstance(e, relax.Tuple):
+                for f in e.fields:
+                    count(f, user)
+            elif isinstance(e, relax.TupleGetItem):
+                count(e.tuple_value, user)
+
+        body = func.body
+        for block in body.blocks:
+            for b in block.bindings:
+                if isinstance(b, relax.VarBinding):
+                    self.values[b.var] = b.value
+                    count(b.value, b.value)
+        count(body.body, body.body)
+
+    def value(self, e: Any) -> Any | None:
+        return self.values.get(e)
+
+    def single(self, e: Any) -> Any | None:
+        """The value bound to ``e`` if ``e`` is used exactly once."""
+        return self.values.get(e) if self.uses.get(e, 0) == 1 else None
+
+
+def _act_bounds(call: Any) -> tuple[float, float] | None:
+    import numpy as np
+
+    op = _op(call)
+    if op == "relax.nn.relu":
+        return 0.0, math.inf
+    if op in ("relax.maximum", "relax.minimum"):
+        b = _scalar(call.args[1])
+        if b is None:
+            return None
+        return (b, math.inf) if op == "relax.maximum" else (-math.inf, b)
+    if op == "relax.clip":
+        try:
+            lo, hi = (float(a.value) for a in call.args[1:3])
+        except (AttributeError, TypeError, ValueError):
+            return None
+        return (lo if np.isfinite(lo) else -math.inf), (hi if np.isfinite(hi) else math.inf)
+    return None
+
+
+def _dequantized_const(g: _Graph, e: Any) -> tuple[Any, Any, int] | None:
+    """``(q, scale, axis)`` if ``e`` is ``dequantize(const q, scale, zero point 0)``."""
+    import numpy as np
+
+    v = g.value(e) if not _op(e) else e
+    if _op(v) != "relax.dequantize":
+        return None
+    q, s, z = _const(v.args[0]), _const(v.args[1]), _const(v.args[2])
+    if q is None or s is None or z is None or np.any(z != 0):
+        return None
+    return q, s, int(v.attrs.axis)
+
+
+def _dequantized_input(g: _Graph, e: Any) -> tuple[Any, float, int] | None:
+    """``(x_q, s, z)`` if ``e`` is ``dequantize(x_q uint8, scalar s, scalar z)``."""
+    v = g.value(e)
+    if _op(v) != "relax.dequantize" or _dtype(v.args[0]) != "uint8":
+        return None
+    s, z = _scalar(v.args[1]), _scalar(v.args[2])
+    if s is None or z is None:
+        return None
+    return v.args[0], s, int(z)
+
+
+def match_layer(g: _Graph, anchor: Any) -> QLayer | None:
+    """The QDQ layer ending at ``anchor`` (a Call bound in ``g``), or None.
+
+    ``[quantize] <- [act]* <- [add bias] <- conv2d | matmul``, each intermediate used once.
+    """
+    import numpy as np
+
+    out_scale, out_zp = None, 0
+    e = anchor
+    if _op(e) == "relax.quantize":
+        if str(e.attrs.out_dtype) != "uint8":
+            return None
+        s, z = _scalar(e.args[1]), _scalar(e.args[2])
+        if s is None or z is None or s <= 0:
+            return None
+        out_scale, out_zp = s, int(z)
+        e = g.single(e.args[0])
+    lo, hi = -math.inf, math.inf
+    while e is not None and _op(e) in _ACTS:
+        b = _act_bounds(e)
+        if b is None:
+            return None
+        # max(min(y, b), a) == min(max(y, a), b) when a <= b
+        lo, hi = max(lo, b[0]), min(hi, b[1])
+        e = g.single(e.args[0])
+    if lo > hi:
+        return None
+    bias = bias_q = bias_scale = None
+    if e is not None and _op(e) == "relax.add":
+        a, b = e.args
+        core = g.single(a)
+        if _op(core) not in ("relax.nn.conv2d", "relax.matmul"):
+            a, b = b, a
+            core = g.single(a)
+        if _op(core) not in ("relax.nn.conv2d", "relax.matmul"):
+            return None
+        bv = g.value(b)
+        if _op(bv) == "relax.reshape":
+            bv = g.value(bv.args[0]) if g.value(bv.args[0]) is not None else bv.args[0]
+        if bv is not None and _op(bv) == "relax.dequantize":
+            dq = _dequantized_const(g, bv)
+            if dq is None:
+                return None
+            bias_q, bias_scale = dq[0].reshape(-1), dq[1]
+        else:
+            c = _const(b)
+            if c is None:
+                return None
+            bias = c.astype(np.float64).reshape(-1)
+        e = core
+    if e is None:
+        return None
+    op = _op(e)
+    if op == "relax.nn.conv2d":
+        a = e.attrs
+        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW") or int(a.groups) != 1:
+            return None
+        x = _dequantized_input(g, e.args[0])
+        w = _dequantized_const(g, e.args[1])
+        xs = _shape(x[0]) if x is not None else None
+        if x is None or w is None or w[0].dtype != np.int8 or w[0].ndim != 4 or xs is None or len(xs) != 4 or xs[0] != 1:
+            return None
+        if w[1].size not in (1, w[0].shape[0]) or (w[1].size > 1 and w[2] != 0):
+            return None
+        pad = [int(p) for p in a.padding]
+        pad = pad * 2 if len(pad) == 2 else pad
+        layer = QLayer("conv", x[0], x[1], x[2], w[0], w[1].reshape(-1), tuple(int(s) for s in a.strides), tuple(pad),
+                       tuple(int(d) for d in a.dilation), bias, bias_q, bias_scale, out_scale, out_zp, lo, hi)
+    elif op == "relax.matmul":
+        x = _dequantized_input(g, e.args[0])
+        xs = _shape(x[0]) if x is not None else None
+        if x is None or xs is None or len(xs) != 2:
+            return None
+        wv = g.value(e.args[1])
+        if _op(wv) == "relax.permute_dims" and [int(i) for i in wv.attrs.axes] == [1, 0]:
+            w = _dequantized_const(g, wv.args[0])  # [N, K], scale along axis 0
+            if w is None or w[0].ndim != 2 or (w[1].size > 1 and w[2] != 0):
+                return None
+            wq = w[0]
+        else:
+            w = _dequantized_const(g, e.args[1])  # [K, N], scale along axis 1
+            if w is None or w[0].ndim != 2 or (w[1].size > 1 and w[2] != 1):
+                return None
+            wq = w[0].T
+        if wq.dtype != np.int8 or w[1].size not in (1, wq.shape[0]):
+            return None
+        layer = QLayer("dense", x[0], x[1], x[2], np.ascontiguousarray(wq)[:, :, None, None], w[1].reshape(-1), (1, 1),
+                       (0, 0, 0, 0), (1, 1), bias, bias_q, bias_scale, out_scale, out_zp, lo, hi)
+    else:
+        return None
+    k = layer.w_q.shape[0]
+    for vec in (layer.bias, layer.bias_q):
+        if vec is not None and vec.size not in (1, k):
+            return None
+    if layer.bias is not None:
+        layer = dataclasses.replace(layer, bias=np.broadcast_to(layer.bias, (k,)))
+    if layer.bias_q is not None:
+        layer = dataclasses.replace(layer, bias_q=np.broadcast_to(layer.bias_q, (k,)))
+    return layer
+
+
+def _extends(g: _Graph, var: Any) -> bool:
+    """Whether ``var``'s only user would extend a layer ending at it (activation, quantize, bias)."""
+    users = g.users.get(var, [])
+    return len(users) == 1 and _op(users[0]) in (*_ACTS, "relax.quantize", "relax.add")
+
+
+def layer_geometry(layer: QLayer, x_shape: list[int]) -> QConv:
+    """The :class:`QConv` of a matched layer (``x_shape``: NCHW, or ``[M, K]`` for dense)."""
+    import numpy as np
+
+    k, c, kh, kw = layer.w_q.shape
+    if layer.kind == "dense":
+        h, w = 1, x_shape[0]
+    else:
+        h, w = x_shape[2], x_shape[3]
+    if layer.out_scale is not None:
+        s, z = layer.out_scale, layer.out_zero_point
+        lo = 0.0 if not math.isfinite(layer.lo) else float(max(0, z + int(np.round(layer.lo / s))))
+        hi = 255.0 if not math.isfinite(layer.hi) else float(min(255, z + int(np.round(layer.hi / s))))
+        out = dict(out_dtype="uint8", out_zero_point=z, lo=lo, hi=max(lo, hi))
+    else:
+        out = dict(out_dtype="float32", out_zero_point=0, lo=layer.lo, hi=layer.hi)
+    return QConv(h, w, c, k, (kh, kw), layer.strides, layer.padding, layer.dilation, layer.x_zero_point, **out)
+
+
+def integer_qdq_pass() -> Any:
+    """A Relax module pass: QDQ Conv/Gemm/MatMul -> VNNI integer kernels, NHWC around them."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def __init__(self, mod: Any) -> None:
+            super().__init__(mod)
+            self.g: _Graph | None = None
+            self.nhwc: dict[Any, Any] = {}
+            self.kernels: dict[tuple[QConv, Tile], Any] = {}
+            self.rewritten = 0
+
+        # helpers
+        def _cur(self, e: Any) -> Any:
+            return self.visit_expr(e)
+
+        def _emit(self, binding: Any, new: Any) -> Any:
+            nv = self.builder_.emit(new) if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output(new)
+            self.set_var_remap(binding.var.vid, nv) if hasattr(binding.var, "vid") else self.set_var_remap(binding.var, nv)
+            return nv
+
+        def _to_nhwc(self, var: Any) -> Any:
+            got = self.nhwc.get(var)
+            if got is None:
+                got = self.builder_.emit(relax.op.permute_dims(self._cur(var), _TO_NHWC))
+                self.nhwc[var] = got
+            return got
+
+        def _set_nhwc(self, binding: Any, new: Any) -> None:
+            nv = self.builder_.emit(new)
+            self.nhwc[binding.var] = nv
+            self._emit(binding, relax.op.permute_dims(nv, _TO_NCHW))
+
+        # rules
+        def visit_var_binding_(self, binding: Any) -> None:  # noqa: N802 (TVM's naming)
+            try:
+                done = self._rewrite(binding)
+            except Exception:  # noqa: BLE001 - a layer the kernel cannot take keeps the float path
+                done = False
+            if not done:
+                super().visit_var_binding_(binding)
+
+        def _rewrite(self, binding: Any) -> bool:
+            e = binding.value
+            op = _op(e)
+            if not op:
+                return False
+            g = self.g
+            assert g is not None
+            if op == "relax.quantize" or (op in (*_ACTS, "relax.add", "relax.matmul", "relax.nn.conv2d") and not _extends(g, binding.var)):
+                layer = match_layer(g, e)
+                if layer is not None and self._kernel(binding, layer):
+                    return True
+            return self._propagate(binding, e, op)
+
+        def _kernel(self, binding: Any, layer: QLayer) -> bool:
+            x_shape = _shape(layer.x_q)
+            if x_shape is None:
+                return False
+            conv = layer_geometry(layer, x_shape)
+            tile = choose_tile(conv)
+            rq = requant_constants(layer.w_q, layer.w_scale, layer.x_scale, layer.x_zero_point, layer.bias, layer.bias_q,
+                                   layer.bias_scale, layer.out_scale, tile)
+            key = (conv, tile)
+            gv = self.kernels.get(key)
+            if gv is None:
+                gv = self.builder_.add_func(conv_primfunc(conv, tile), "edgec_int8_conv" if layer.kind == "conv" else "edgec_int8_dense")
+                self.kernels[key] = gv
+            oh, ow = conv.out_hw
+            if layer.kind == "conv":
+                x = self._to_nhwc(layer.x_q)
+            else:
+                x = self.builder_.emit(relax.op.reshape(self._cur(layer.x_q), (1, 1, x_shape[0], x_shape[1])))
+            args = [x, relax.const(pack_weight(layer.w_q, tile)), relax.const(rq.ib), relax.const(rq.m), relax.const(rq.fb)]
+            call = relax.call_tir(gv, relax.Tuple(args), relax.TensorType((1, oh, ow, conv.out_channels), conv.out_dtype))
+            if layer.kind == "conv":
+                self._set_nhwc(binding, call)
+            else:
+                y = self.builder_.emit(call)
+                self._emit(binding, relax.op.reshape(y, (x_shape[0], conv.out_channels)))
+            self.rewritten += 1
+            return True
+
+        def _propagate(self, binding: Any, e: Any, op: str) -> bool:
+            """Re-emit a layout-free op on NHWC copies of its inputs, if its main input has one."""
+            args = list(e.args)
+            if not args or not any(isinstance(a, relax.Var) and a in self.nhwc for a in args):
+                return False
+            out_shape = _shape(binding.var)
+            if op in _ELEMENTWISE:
+                if out_shape is None or len(out_shape) != 4:
+                    return False
+                new_args = []
+                for a in args:
+                    if isinstance(a, relax.Var) and a in self.nhwc:
+                        new_args.append(self.nhwc[a])
+                        continue
+                    c = _const(a)
+                    if c is not None and op in ("relax.quantize", "relax.dequantize") and c.size == 1:
+                        new_args.append(a)
+                        continue
+                    if c is not None:
+                        if c.ndim == 0:
+                            new_args.append(a)
+                            continue
+                        if c.ndim > 4:
+                            return False
+                        c4 = c.reshape((1,) * (4 - c.ndim) + c.shape).transpose(_TO_NHWC)
+                        new_args.append(relax.const(np.ascontiguousarray(c4)))
+                        continue
+                    shp = _shape(a)
+                    if isinstance(a, relax.Var) and shp is not None and len(shp) == 4 and math.prod(shp) <= _SMALL_OPERAND:
+                        new_args.append(relax.op.permute_dims(self._cur(a), _TO_NHWC))
+                        continue
+                    if not isinstance(a, relax.Var) or (shp is not None and len(shp) == 0):
+                        new_args.append(a)  # PrimValue / scalar
+                        continue
+                    return False
+                if op in ("relax.quantize", "relax.dequantize"):
+                    if any(_const(p) is None or _const(p).size != 1 for p in args[1:]):
+                        return False
+                    new = relax.Call(e.op, new_args, e.attrs)
+                else:
+                    new = relax.Call(e.op, new_args, e.attrs)
+                self._set_nhwc(binding, new)
+                return True
+            x = args[0]
+            if not (isinstance(x, relax.Var) and x in self.nhwc):
+                return False
+            xn = self.nhwc[x]
+            a = e.attrs
+            if op in _POOLS and str(a.layout) == "NCHW" and str(a.out_layout) == "NCHW":
+                kwargs = dict(pool_size=a.pool_size, strides=a.strides, padding=a.padding, dilation=a.dilation,
+                              ceil_mode=a.ceil_mode, layout="NHWC", out_layout="NHWC")
+                if op == "relax.nn.avg_pool2d":
+                    kwargs["count_include_pad"] = a.count_include_pad
+                    new = relax.op.nn.avg_pool2d(xn, **kwargs)
+                else:
+                    new = relax.op.nn.max_pool2d(xn, **kwargs)
+                self._set_nhwc(binding, new)
+                return True
+            if op == "relax.mean" and a.axis is not None and sorted(int(i) for i in a.axis) == [2, 3]:
+                if bool(a.keepdims):
+                    self._set_nhwc(binding, relax.op.mean(xn, [1, 2], keepdims=True))
+                else:
+                    self._emit(binding, relax.op.mean(xn, [1, 2], keepdims=False))
+                return True
+            if op == "relax.reshape":
+                in_shape = _shape(x)
+                if in_shape is None or len(in_shape) != 4 or in_shape[2] != 1 or in_shape[3] != 1 or out_shape is None or len(out_shape) == 4:
+                    return False
+                self._emit(binding, relax.op.reshape(xn, out_shape))
+                return True
+            if op == "relax.nn.conv2d" and (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) == ("NCHW", "OIHW", "NCHW"):
+                w = relax.op.permute_dims(self._cur(args[1]), [2, 3, 1, 0])
+                new = relax.op.nn.conv2d(xn, w, strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
+                                         data_layout="NHWC", kernel_layout="HWIO", out_layout="NHWC",
+                                         out_dtype=a.out_dtype if str(a.out_dtype) not in ("", "void") else None)
+                self._set_nhwc(binding, new)
+                return True
+            return False
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecInteger8")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        rewriter = _Rewriter(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
+                rewriter.g = _Graph(func)
+                rewriter.nhwc = {}
+                new = rewriter.visit_expr(func)
+                rewriter.builder_.update_func(gv, new)
+        if rewriter.rewritten == 0:
+            return mod
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+    return _pass
+
+
+def int8_passes(target: Any) -> list[Any]:
+    """Relax passes (before edgec's channels-last passes) lowering QDQ layers to integer kernels
+    on ``target``; empty where the target has no VNNI."""
+    if not has_vnni(target):
+        return []
+    from edgec.schedules.layout import canonicalize_clip
+
+    return [canonicalize_clip(), integer_qdq_pass()]

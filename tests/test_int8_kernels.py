@@ -1,0 +1,311 @@
+"""Integer int8 (VNNI) kernels for QDQ Conv/Gemm/MatMul (edgec.schedules.int8) vs onnxruntime.
+
+Every model here is a QDQ model made by ``edgec.passes.quantize.quantize_model`` (or by hand), compiled
+with edgec's CPU pipeline for this host (AVX-512 VNNI) and run on fresh random inputs; the output
+must match onnxruntime running the same QDQ model to within one output quantization step, and the
+compiled module must actually contain the integer kernels (so a rewrite that silently stops
+matching fails here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from graphs import make_model, tensor
+from onnx import helper
+
+from edgec.calibration import CalibrationSet, Sample
+from edgec.passes.quantize import QuantConfig, quantize_model
+from edgec.schedules import int8
+
+
+def _host():
+    from edgec.targets import get_target
+
+    return get_target("host").tvm_target()
+
+
+def _quantize(model: onnx.ModelProto, shape: tuple[int, ...], rng: np.random.Generator) -> onnx.ModelProto:
+    cal = CalibrationSet("random", tuple(Sample(("x",), (rng.standard_normal(shape).astype(np.float32),)) for _ in range(8)))
+    return quantize_model(model, cal, QuantConfig(activations="uint8", bias_correction=False, pad_channels=False)).model
+
+
+def _conv_model(cin: int, cout: int, k: int, stride: int, pads: list[int], hw: tuple[int, int], act: str, bias: bool,
+                rng: np.random.Generator, dilation: int = 1) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    w = (rng.standard_normal((cout, cin, k, k)) / math.sqrt(cin * k * k)).astype(np.float32)
+    b = (rng.standard_normal(cout) * 0.3).astype(np.float32)
+    inputs = ["x", "w", "b"] if bias else ["x", "w"]
+    nodes = [helper.make_node("Conv", inputs, ["c"], pads=pads, strides=[stride] * 2, kernel_shape=[k, k], dilations=[dilation] * 2)]
+    inits = [tensor("w", w)] + ([tensor("b", b)] if bias else [])
+    nodes.append(_act(act, "c", "y", inits))
+    h, wd = hw
+    oh = (h + pads[0] + pads[2] - dilation * (k - 1) - 1) // stride + 1
+    ow = (wd + pads[1] + pads[3] - dilation * (k - 1) - 1) // stride + 1
+    shape = (1, cin, h, wd)
+    return make_model(nodes, [("x", shape)], [("y", (1, cout, oh, ow))], inits), shape
+
+
+def _act(act: str, src: str, dst: str, inits: list) -> onnx.NodeProto:
+    if act == "relu":
+        return helper.make_node("Relu", [src], [dst])
+    if act == "clip":
+        inits += [tensor("lo", np.array(0.0, np.float32)), tensor("hi", np.array(1.5, np.float32))]
+        return helper.make_node("Clip", [src, "lo", "hi"], [dst])
+    return helper.make_node("Identity", [src], [dst])
+
+
+def _compile(proto: onnx.ModelProto):
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgec.schedules import compile_module
+
+    target = _host()
+    mod = from_onnx(proto, keep_params_in_input=False)
+    with target:
+        rewritten = tvm.transform.Sequential(int8.int8_passes(target))(mod)
+    kernels = [gv.name_hint for gv, f in rewritten.functions_items() if gv.name_hint.startswith("edgec_int8")]
+    ex = compile_module(mod, target)
+    return relax.VirtualMachine(ex, tvm.cpu()), kernels
+
+
+def _output_scale(proto: onnx.ModelProto) -> float | None:
+    out = proto.graph.output[0].name
+    for n in proto.graph.node:
+        if n.op_type == "DequantizeLinear" and n.output[0] == out:
+            init = {i.name: i for i in proto.graph.initializer}
+            return float(onnx.numpy_helper.to_array(init[n.input[1]]))
+    return None
+
+
+def _check(proto: onnx.ModelProto, shape: tuple[int, ...], rng: np.random.Generator, n_kernels: int, runs: int = 3) -> float:
+    """Max |edgec - onnxruntime| in output steps over ``runs`` fresh inputs (float outputs: relative)."""
+    import onnxruntime as ort
+    import tvm
+
+    vm, kernels = _compile(proto)
+    assert len(kernels) == n_kernels, f"expected {n_kernels} integer kernels, the rewrite made {kernels}"
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    scale = _output_scale(proto)
+    worst = 0.0
+    for _ in range(runs):
+        x = (rng.standard_normal(shape) * rng.uniform(0.5, 1.5)).astype(np.float32)
+        ref = sess.run(None, {"x": x})[0]
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        assert got.shape == ref.shape
+        err = float(np.abs(got.astype(np.float64) - ref).max())
+        worst = max(worst, err / scale if scale is not None else err / max(1e-6, float(np.abs(ref).max())))
+    return worst
+
+
+CONV_CASES = [
+    # cin, cout, k, stride, pads (t, l, b, r), hw, act, bias
+    (16, 32, 1, 1, [0, 0, 0, 0], (9, 9), "relu", True),
+    (8, 16, 3, 1, [1, 1, 1, 1], (10, 10), "relu", True),
+    (5, 21, 3, 2, [1, 0, 1, 2], (11, 9), "none", True),
+    (3, 16, 3, 2, [1, 1, 1, 1], (16, 16), "clip", True),
+    (24, 40, 1, 2, [0, 0, 0, 0], (7, 7), "none", False),
+    (12, 70, 5, 1, [2, 2, 2, 2], (6, 13), "relu", False),
+    (64, 64, 3, 1, [1, 1, 1, 1], (14, 14), "clip", True),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}to{c[1]}_k{c[2]}s{c[3]}_{c[6]}{'_bias' if c[7] else ''}")
+def test_conv_matches_onnxruntime(case):
+    rng = np.random.default_rng(CONV_CASES.index(case))
+    cin, cout, k, stride, pads, hw, act, bias = case
+    fp32, shape = _conv_model(cin, cout, k, stride, pads, hw, act, bias, rng)
+    q = _quantize(fp32, shape, rng)
+    assert _check(q, shape, rng, n_kernels=1) <= 1.0
+
+
+def test_dilated_conv_matches_onnxruntime():
+    rng = np.random.default_rng(7)
+    fp32, shape = _conv_model(8, 16, 3, 1, [2, 2, 2, 2], (12, 12), "relu", True, rng, dilation=2)
+    q = _quantize(fp32, shape, rng)
+    assert _check(q, shape, rng, n_kernels=1) <= 1.0
+
+
+def _residual_model(rng: np.random.Generator) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """conv 1x1 -> relu -> depthwise 3x3 (stays float) -> conv 1x1, + residual add, maxpool, GAP, Gemm."""
+    c = 16
+    shape = (1, c, 12, 12)
+    w1 = (rng.standard_normal((32, c, 1, 1)) / 4).astype(np.float32)
+    wd = (rng.standard_normal((32, 1, 3, 3)) / 3).astype(np.float32)
+    w2 = (rng.standard_normal((c, 32, 1, 1)) / 6).astype(np.float32)
+    wf = (rng.standard_normal((10, c)) / 4).astype(np.float32)
+    bf = rng.standard_normal(10).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("Conv", ["ar", "wd"], ["d"], pads=[1, 1, 1, 1], group=32),
+        helper.make_node("Relu", ["d"], ["dr"]),
+        helper.make_node("Conv", ["dr", "w2"], ["p"]),
+        helper.make_node("Add", ["p", "x"], ["s"]),
+        helper.make_node("MaxPool", ["s"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["mp"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1),
+    ]
+    inits = [tensor("w1", w1), tensor("wd", wd), tensor("w2", w2), tensor("wf", wf), tensor("bf", bf)]
+    return make_model(nodes, [("x", shape)], [("y", (1, 10))], inits), shape
+
+
+def test_residual_block_with_float_depthwise_and_gemm():
+    """Integer 1x1 convs and Gemm, float depthwise, residual add / maxpool / GAP in NHWC."""
+    rng = np.random.default_rng(3)
+    fp32, shape = _residual_model(rng)
+    q = _quantize(fp32, shape, rng)
+    # the Gemm's output is float (relative error); its int32 result and bias are exact
+    assert _check(q, shape, rng, n_kernels=3) <= 1e-2
+
+
+def _dense_model(rng: np.random.Generator, matmul: bool, act: str, m: int = 1) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    k, n = 37, 50
+    w = (rng.standard_normal((k, n)) / 6).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    inits = [tensor("w", w if matmul else np.ascontiguousarray(w.T)), tensor("b", b)]
+    core = helper.make_node("MatMul", ["x", "w"], ["mm"]) if matmul else helper.make_node("Gemm", ["x", "w", "b"], ["mm"], transB=1)
+    nodes = [core]
+    src = "mm"
+    if matmul:
+        nodes.append(helper.make_node("Add", ["mm", "b"], ["mb"]))
+        src = "mb"
+    nodes.append(_act(act, src, "z", inits))
+    nodes.append(helper.make_node("Mul", ["z", "two"], ["y"]))  # a float consumer: the layer's output stays quantized
+    inits.append(tensor("two", np.array(2.0, np.float32)))
+    return make_model(nodes, [("x", (m, k))], [("y", (m, n))], inits), (m, k)
+
+
+@pytest.mark.parametrize("matmul,act,m", [(False, "relu", 1), (True, "none", 3), (False, "clip", 4)])
+def test_dense_matches_onnxruntime(matmul, act, m):
+    rng = np.random.default_rng(11 + m)
+    fp32, shape = _dense_model(rng, matmul, act, m)
+    q = _quantize(fp32, shape, rng)
+    kinds = [n.op_type for n in q.graph.node]
+    assert "QuantizeLinear" in kinds
+    # output = 2 * DQ(y_q): one step is 2 * s_y; compare in the quantized layer's steps
+    import onnxruntime as ort
+    import tvm
+
+    vm, kernels = _compile(q)
+    assert kernels == ["edgec_int8_dense"]
+    sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_q")]
+    step = 2.0 * float(init[dq[-1].input[1]])
+    for _ in range(3):
+        x = rng.standard_normal(shape).astype(np.float32)
+        ref = sess.run(None, {"x": x})[0]
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        assert float(np.abs(got - ref).max()) <= step * 1.0001
+
+
+def _exact_conv(x: np.ndarray, w: np.ndarray, conv: int8.QConv) -> np.ndarray:
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel, conv.strides, conv.dilation
+    pt, pl, pb, pr = conv.padding
+    oh, ow = conv.out_hw
+    xp = np.full((1, conv.height + pt + pb, conv.width + pl + pr, conv.in_channels), conv.x_zero_point, np.int64)
+    xp[:, pt:pt + conv.height, pl:pl + conv.width] = x
+    acc = np.zeros((1, oh, ow, conv.out_channels), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+            acc += np.einsum("nhwc,kc->nhwk", patch, w[:, :, i, j].astype(np.int64))
+    return acc
+
+
+KERNEL_CASES = [
+    int8.QConv(10, 10, 8, 16, (3, 3), (1, 1), (1, 1, 1, 1), x_zero_point=7, out_zero_point=3, lo=3, hi=255),
+    int8.QConv(11, 9, 5, 21, (3, 3), (2, 2), (1, 0, 1, 2), x_zero_point=100, out_zero_point=128),
+    int8.QConv(7, 7, 64, 40, (1, 1), x_zero_point=0, hi=200),
+    int8.QConv(13, 13, 6, 33, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), x_zero_point=255, out_zero_point=255),
+    int8.QConv(1, 3, 160, 100, x_zero_point=12, out_dtype="float32", lo=-math.inf, hi=math.inf),
+    int8.QConv(1, 2, 20, 17, x_zero_point=1, out_dtype="float32", lo=0.0, hi=math.inf),
+]
+
+
+@pytest.mark.parametrize("conv", KERNEL_CASES, ids=lambda c: f"{c.height}x{c.width}x{c.in_channels}to{c.out_channels}_k{c.kernel[0]}_{c.out_dtype}")
+def test_kernel_exact_integer_arithmetic(conv):
+    """The scheduled kernel (tensorized vpdpbusd, padding, epilogue) against an int64 numpy reference."""
+    import tvm
+
+    tile = int8.choose_tile(conv)
+    lib = tvm.compile(tvm.IRModule({"main": int8.conv_primfunc(conv, tile)}), target=_host())
+    rng = np.random.default_rng(conv.in_channels)
+    x = rng.integers(0, 256, (1, conv.height, conv.width, conv.in_channels)).astype(np.uint8)
+    w = rng.integers(-127, 128, (conv.out_channels, conv.in_channels) + conv.kernel).astype(np.int8)
+    bq = rng.integers(-5000, 5000, conv.out_channels).astype(np.int32)
+    sw = rng.random(conv.out_channels) * 0.01 + 1e-3
+    sy = 0.5 if conv.out_dtype == "uint8" else None
+    rq = int8.requant_constants(w, sw, 0.02, conv.x_zero_point, None, bq, 0.02 * sw, sy, tile)
+    oh, ow = conv.out_hw
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in (x, int8.pack_weight(w, tile), rq.ib, rq.m, rq.fb)]
+    out = tvm.runtime.tensor(np.zeros((1, oh, ow, conv.out_channels), conv.out_dtype), dev)
+    lib(*args, out)
+    acc = _exact_conv(x, w, conv) - conv.x_zero_point * w.reshape(conv.out_channels, -1).astype(np.int64).sum(1) + bq
+    f = acc * (0.02 * sw)
+    if sy is not None:
+        ref = np.clip(np.round(f / sy) + conv.out_zero_point, conv.lo, conv.hi)
+        diff = np.abs(out.numpy().astype(np.int64) - ref)
+        assert diff.max() <= 1  # float32 epilogue vs float64 reference: ties may round apart
+        assert (diff > 0).mean() < 0.01
+    else:
+        ref = np.clip(f, conv.lo, conv.hi)
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+
+
+def test_tiles_fit_registers_and_cover_the_output():
+    for ow in (1, 3, 7, 9, 14, 28, 36, 56, 72, 112):
+        for k in (8, 16, 24, 40, 64, 96, 160, 1000):
+            conv = int8.QConv(ow, ow, 16, k)
+            t = int8.choose_tile(conv)
+            assert t.tw * t.tc + t.tc <= int8.REGISTERS
+            assert t.out_width % t.tw == 0 and t.out_width >= ow and t.out_width - ow < t.tw
+            assert t.k_blocks % t.tc == 0 and t.k_blocks * int8.LANES >= k
+
+
+def test_pack_weight_layout():
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (21, 6, 3, 3)).astype(np.int8)
+    tile = int8.Tile(tw=4, tc=2, out_width=8, k_blocks=2, channels_outside=False)
+    p = int8.pack_weight(w, tile)
+    assert p.shape == (2, 3, 3, 2, 16, 4)
+    for o, c, i, j in [(0, 0, 0, 0), (20, 5, 2, 1), (17, 3, 1, 2)]:
+        assert p[o // 16, i, j, c // 4, o % 16, c % 4] == w[o, c, i, j]
+    assert not p[1, :, :, :, 5:].any()  # output channels 21..31 are zero
+    assert not p[:, :, :, 1, :, 2:].any()  # input channels 6, 7 are zero
+
+
+def test_targets_without_vnni_keep_the_float_path():
+    import tvm
+
+    assert int8.int8_passes(_host()) != []  # this host has AVX-512 VNNI
+    for cfg in (
+        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
+        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"},
+        {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"},
+    ):
+        assert int8.int8_passes(tvm.target.Target(cfg)) == []
+    assert int8.has_vnni(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"}))
+
+
+def test_int8_activations_and_float_models_are_left_alone():
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    rng = np.random.default_rng(5)
+    fp32, shape = _conv_model(8, 16, 3, 1, [1, 1, 1, 1], (8, 8), "relu", True, rng)
+    cal = CalibrationSet("random", tuple(Sample(("x",), (rng.standard_normal(shape).astype(np.float32),)) for _ in range(4)))
+    s8 = quantize_model(fp32, cal, QuantConfig(activations="int8", bias_correction=False)).model
+    target = _host()
+    for proto in (fp32, s8):
+        mod = from_onnx(proto, keep_params_in_input=False)
+        with target:
+            out = tvm.transform.Sequential(int8.int8_passes(target))(mod)
+        assert not [gv for gv, _ in out.functions_items() if gv.name_hint.startswith("edgec_int8")]

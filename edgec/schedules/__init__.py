@@ -2,8 +2,9 @@
 
 Two hooks for the compile pipeline:
 
-- :func:`layout_passes` (Relax, before legalization): channels-last conversion that the CPU
-  rules rely on (see :mod:`edgec.schedules.layout`); an empty list where edgec has none.
+- :func:`layout_passes` (Relax, before legalization): QDQ Conv/Gemm to integer VNNI kernels where
+  the target has them (see :mod:`edgec.schedules.int8`), then the channels-last conversion that
+  the CPU rules rely on (see :mod:`edgec.schedules.layout`); an empty list where edgec has none.
 - :func:`default_schedule_pass` (after legalization and fusion, before lowering): a module pass
   applying edgec's schedules for that target (see :mod:`edgec.schedules.cpu`), or ``None``.
 """
@@ -21,9 +22,10 @@ def layout_passes(target: Any) -> list[Any]:
     """Relax passes to run before ``LegalizeOps`` for ``target`` (may be empty)."""
     if not _is_cpu(target):
         return []
+    from edgec.schedules.int8 import int8_passes
     from edgec.schedules.layout import channels_last_passes
 
-    return channels_last_passes()
+    return int8_passes(target) + channels_last_passes()
 
 
 def default_schedule_pass(target: Any) -> Any | None:

@@ -332,8 +332,8 @@ def _worker(artifact: Artifact, remote: Remote | None, cfg: BenchConfig, state: 
         except Exception as exc:
             text = str(exc)
             if any(w in text for w in ("ELF", "wrong ELF class", "Exec format", "cannot open shared object")):
-                raise InputError(
-                    f"the device cannot load {artifact.library.name} (built for {lib_arch}, {m.target}): {text.strip().splitlines()[-1]}",
+                raise InputError.wrapping(
+                    f"the device cannot load {artifact.library.name} (built for {lib_arch}, {m.target})", exc,
                     "rebuild for the device's architecture: edgec compile MODEL --target <its target>",
                 ) from None
             raise

@@ -316,9 +316,8 @@ def compile_model(
         try:
             ex.export_library(str(tmp / LIBRARY), fcompile=target.toolchain.fcompile())
         except Exception as exc:
-            raise EdgecError(
-                f"linking the library failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}",
-                f"check the toolchain {target.toolchain.compiler or 'g++'}",
+            raise EdgecError.wrapping(
+                "linking the library failed", exc, f"check the toolchain {target.toolchain.compiler or 'g++'}"
             ) from None
         eir.save_proto(proto, tmp / MODEL)
         out_specs = specs_out

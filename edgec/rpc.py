@@ -199,9 +199,8 @@ def _connect_server(host: str, port: int, key: str, remote: Remote, *, check: bo
     try:
         return rpc.connect(host, port, key=key, session_timeout=remote.session_timeout_s)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()
-        raise RemoteError(
-            f"RPC connection to {host}:{port} failed: {msg[-1] if msg else type(exc).__name__}",
+        raise RemoteError.wrapping(
+            f"RPC connection to {host}:{port} failed", exc,
             "check that a TVM RPC server runs there (python -m tvm.exec.rpc_server) and the key matches",
         ) from None
 

@@ -31,7 +31,7 @@ def from_json(spec: str, options: TargetOptions = TargetOptions()) -> Target:
     try:
         tvm.target.Target(config)
     except Exception as exc:  # TVM's own validation of keys and values
-        raise InputError(f"TVM rejects the target {spec}: {str(exc).splitlines()[-1]}") from None
+        raise InputError.wrapping(f"TVM rejects the target {spec}", exc) from None
     if options.arch and config["kind"] == "cuda":
         config = {**config, "arch": options.arch}
     host_side = config.get("host") if config["kind"] == "cuda" else config

@@ -121,7 +121,8 @@ def _vectorize_tail(sch: Any, block: Any, lanes: int, below: Any | None = None) 
         sch.vectorize(inner)
 
 
-_TC_CANDIDATES = (8, 7, 6, 5, 4, 3, 2, 1)
+_TC_CANDIDATES = (4, 3, 2, 1)
+_TC_WIDE = (8, 7, 6, 5)
 _TW_MAX = 8
 
 
@@ -135,24 +136,34 @@ def tile_shape(c_vectors: int, w_ext: int, registers: int) -> tuple[int, int]:
     ``Tw*Tc`` (most FMAs per operand load), ties broken towards the squarer tile (fewest loads
     per FMA, ``(Tw+Tc)/(Tw*Tc)``).
 
-    ``Tc`` may be any count up to 8 (not only powers of two): narrow or odd channel counts have
-    few vectors (40 channels = 5 vectors of 8 lanes, 1000 classes = 125 vectors of 8) and
-    ``Tc`` in (4, 3, 2, 1) fell back to ``Tc = 1``, one accumulator chain per pixel, latency-bound.
-    Measured (1 thread, AVX-512): 1x1 conv 160 -> 40 at 9x9 30 -> 11 us, 40 -> 200 40 -> 17 us,
-    the 160 -> 1000 classifier 23.5 -> 7.3 us, 1280 -> 1000 180 -> 67 us.
+    ``Tc`` in 5..8 only when no ``Tc`` in 2..4 divides the channel vectors: odd vector counts
+    (40 channels = 5 vectors of 8 lanes, 200 = 25, 1000 classes = 125) otherwise fall back to
+    ``Tc = 1``, one accumulator chain per pixel, latency-bound.  Measured (1 thread, AVX-512):
+    1x1 conv 160 -> 40 at 9x9 30 -> 11 us, 40 -> 200 40 -> 17 us, the 160 -> 1000 classifier
+    23.5 -> 7.3 us, 1280 -> 1000 180 -> 67 us.  Where 2..4 divide, a wide ``Tc`` lost: 3x3 conv
+    256 -> 256 at 14x14 2.3 -> 3.2 ms with ``(Tw, Tc) = (2, 8)`` instead of ``(7, 2)``.
     """
-    best = (1, 1)
-    best_key = (0, 0)
-    for tc in _TC_CANDIDATES:
-        if tc > c_vectors or c_vectors % tc:
-            continue
-        for tw in range(min(_TW_MAX, w_ext), 0, -1):
-            if w_ext % tw or tc * (tw + 1) + 1 > registers:
+
+    def best_of(candidates: tuple[int, ...]) -> tuple[int, int]:
+        best = (1, 1)
+        best_key = (0, 0)
+        for tc in candidates:
+            if tc > c_vectors or c_vectors % tc:
                 continue
-            key = (tw * tc, -(tw + tc))
-            if key > best_key:
-                best, best_key = (tw, tc), key
-            break
+            for tw in range(min(_TW_MAX, w_ext), 0, -1):
+                if w_ext % tw or tc * (tw + 1) + 1 > registers:
+                    continue
+                key = (tw * tc, -(tw + tc))
+                if key > best_key:
+                    best, best_key = (tw, tc), key
+                break
+        return best
+
+    best = best_of(_TC_CANDIDATES)
+    if best[1] == 1 and c_vectors > 1:
+        wide = best_of(_TC_WIDE)
+        if wide[0] * wide[1] > best[0] * best[1]:
+            best = wide
     return best
 
 
@@ -260,7 +271,8 @@ def schedule_reduction(func: Any, target: Any) -> Any | None:
         sch.vectorize(c_v)
 
     for p in kept:
-        _producer_at_tile(sch, p, fused if reduce_len >= _AT_TILE_MIN_REDUCTION else None, lanes)
+        per_tile = reduce_len >= _AT_TILE_MIN_REDUCTION and (_extent(sch, reduce[-1]) or 1) >= lanes
+        _producer_at_tile(sch, p, fused if per_tile else None, lanes)
 
     if epilogue is not None:
         sch.set_scope(main, 0, "local")
@@ -363,6 +375,12 @@ def _producer_at_tile(sch: Any, block_rv: Any, fused: Any | None, lanes: int) ->
     reductions (dense convs, ``>= 64`` taps per output), where the patch is small next to the
     tile's work; a depthwise tile would copy ~4x its output per tile, so depthwise padding stays
     one separate pass over the input (measured: ~10-25% faster that way).
+
+    Also only where the innermost reduction axis (the input channels in NHWC) is at least a
+    vector long: then the per-tile patch is copied in vectors.  The stem conv reading the NCHW
+    model input (3 channels, kernel columns innermost) would copy its patch element by element
+    with a bounds test each: one separate pass over the padded 3-channel input is cheaper
+    (ResNet-18's 7x7 stem: 2.5 -> 2.27 ms, 1 thread).
     """
     if fused is not None:
         try:

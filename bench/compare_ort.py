@@ -15,6 +15,17 @@ each, so load from other processes hits both alike.  ``TVM_NUM_THREADS`` and onn
     python bench/compare_ort.py --models resnet18 --profile 15   # + edgec's 15 slowest functions
     python bench/compare_ort.py --ort-no-spin                    # loaded host: no spinning workers
 
+``--precision fp32,int8``: each zoo model also quantized by edgec (uint8 activations, int8
+per-channel weights, calibrated on scikit-image photos as ``bench/quant_speed.py`` does), then
+onnxruntime int8 vs edgec int8 (integer VNNI kernels, ``edgec.schedules.int8``) in the same
+interleaved rounds; ``err_steps`` is the max error in units of the output quantization step (or
+relative to the output range when the model's output is a float layer).  ``--int8-float-path``
+also times the QDQ model through edgec's float path (dequantize -> fp32 conv, as before the
+integer kernels), the before/after column.
+
+    python bench/compare_ort.py --models mcunet,mobilenet_v2,resnet18 --precision fp32,int8 --threads 1
+    python bench/compare_ort.py --models mcunet --precision int8 --int8-float-path --profile 10
+
 ``--profile N`` times every TIR function call of the edgec build through the VM's instrument
 hook (wall time per call, summed over 20 runs) and prints the N slowest with their argument
 shapes: where the remaining gap to onnxruntime is.
@@ -64,8 +75,49 @@ def profile_functions(vm, xt, runs: int = 20) -> list[tuple[float, int, str, lis
     return sorted(rows, reverse=True)
 
 
+def _output_step(proto) -> float | None:
+    """The quantization step of the model's output if it is ``DequantizeLinear`` of a constant scale."""
+    from onnx import numpy_helper
+
+    out = proto.graph.output[0].name
+    inits = {i.name: i for i in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "DequantizeLinear" and n.output[0] == out and n.input[1] in inits:
+            return float(numpy_helper.to_array(inits[n.input[1]]).reshape(-1)[0])
+    return None
+
+
+def float_path_module(mod, target):
+    """A QDQ Relax module compiled by edgec's CPU pipeline without the int8 rewrite (the float
+    path: dequantize -> fp32 conv -> quantize), for before/after timings."""
+    import tvm
+    from tvm import relax
+
+    from edgec.schedules.layout import channels_last_passes
+    from edgec.targets import host
+
+    passes = (
+        host.library_dispatch_passes(target)
+        + channels_last_passes()
+        + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+           relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        + host.schedule_passes(target, None)
+        + host.dataflow_lower_passes(target)
+        + host.finalize_passes(target)
+    )
+
+    @tvm.transform.module_pass(opt_level=0, name="edgec_float_qdq_pipeline")
+    def _pipeline(m, _ctx):
+        with target:
+            return tvm.transform.Sequential(passes)(m)
+
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.compile(mod, target, relax_pipeline=_pipeline)
+
+
 def compare(
-    proto, name: str, threads: int, rounds: int, per_round: int, baseline: bool, profile: int = 0, ort_spin: bool = True
+    proto, name: str, threads: int, rounds: int, per_round: int, baseline: bool, profile: int = 0, ort_spin: bool = True,
+    precision: str = "fp32", float_path: bool = False,
 ) -> dict:
     import numpy as np
     import onnxruntime as ort
@@ -108,6 +160,10 @@ def compare(
             ex0 = tvm.compile(from_onnx(proto, keep_params_in_input=False), target)
         vm0 = relax.VirtualMachine(ex0, tvm.cpu())
         runs["tvm_unscheduled"] = lambda: vm0["main"](xt)
+    if float_path and precision == "int8":
+        exf = float_path_module(from_onnx(proto, keep_params_in_input=False), target)
+        vmf = relax.VirtualMachine(exf, tvm.cpu())
+        runs["edgec_float_path"] = lambda: vmf["main"](xt)
     for fn in runs.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -115,9 +171,10 @@ def compare(
         for k, fn in runs.items():
             times[k] += _timed(fn, per_round)
     med = {k: statistics.median(v) for k, v in times.items()}
+    step = _output_step(proto)
     row = {
         "model": name,
-        "precision": "fp32",
+        "precision": precision,
         "threads": threads,
         "ort_spinning": ort_spin,
         "ort_ms": med["ort"],
@@ -125,8 +182,12 @@ def compare(
         "ratio": med["edgec"] / med["ort"],
         "max_abs_err": err,
         "ref_range": float(np.abs(ref).max()),
+        "err_steps": err / step if step else err / max(1e-12, float(np.abs(ref).max())),
+        "err_unit": "output steps" if step else "of output range",
         "compile_s": compile_s,
     }
+    if "edgec_float_path" in med:
+        row["edgec_float_path_ms"] = med["edgec_float_path"]
     if baseline:
         row["tvm_unscheduled_ms"] = med["tvm_unscheduled"]
     if profile:
@@ -150,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         "--ort-no-spin", action="store_true", help="onnxruntime workers block instead of spinning (fairer on a loaded host)"
     )
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print edgec's N slowest functions")
+    ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, int8 (zoo models quantized by edgec)")
+    ap.add_argument("--calib-samples", type=int, default=16, help="int8: calibration photos")
+    ap.add_argument("--int8-float-path", action="store_true", help="int8: also time edgec's float QDQ path (before/after)")
     args = ap.parse_args(argv)
+    precisions = [p for p in args.precision.split(",") if p]
+    if any(p not in ("fp32", "int8") for p in precisions):
+        ap.error(f"--precision: fp32 and/or int8, not {args.precision!r}")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
     import onnx
@@ -158,19 +225,40 @@ def main(argv: list[str] | None = None) -> int:
     from edgec import models
     from edgec.export import export_zoo_model, quiet
 
+    def quantized(n):
+        from edgec.calibration import BuiltinDataset
+        from edgec.passes.quantize import QuantConfig, quantize_model
+        from edgec.verify import input_specs
+
+        fp32 = export_zoo_model(n, fold_bn=True)
+        calib = BuiltinDataset("photos").load(input_specs(fp32), args.calib_samples)
+        return quantize_model(fp32, calib, QuantConfig(activations="uint8")).model
+
     if args.onnx:
-        items = [(os.path.basename(args.onnx), lambda: onnx.load(args.onnx))]
+        def load_file():
+            return onnx.load(args.onnx)
+
+        kinds = {n.op_type for n in load_file().graph.node}
+        items = [(os.path.basename(args.onnx), "int8" if "QuantizeLinear" in kinds else "fp32", load_file)]
     else:
         names = [n for n in args.models.split(",") if n] or models.names()
-        items = [(n, (lambda n=n: export_zoo_model(n))) for n in names]
+        items = []
+        for n in names:
+            for p in precisions:
+                items.append((n, p, (lambda n=n: export_zoo_model(n)) if p == "fp32" else (lambda n=n: quantized(n))))
     rows = []
-    for name, load in items:
+    for name, precision, load in items:
         with quiet():
             proto = load()
-        row = compare(proto, name, args.threads, args.rounds, args.per_round, args.baseline, args.profile, not args.ort_no_spin)
+        row = compare(proto, name, args.threads, args.rounds, args.per_round, args.baseline, args.profile, not args.ort_no_spin,
+                      precision, args.int8_float_path)
         rows.append(row)
         if not args.json:
             base = f"  unscheduled {row['tvm_unscheduled_ms']:.1f} ms" if "tvm_unscheduled_ms" in row else ""
+            if "edgec_float_path_ms" in row:
+                base += f"  float-path {row['edgec_float_path_ms']:.2f} ms ({row['edgec_float_path_ms'] / row['ort_ms']:.2f}x ort)"
+            if row["precision"] == "int8":
+                base += f"  err {row['err_steps']:.3g} {row['err_unit']}"
             print(
                 f"{name:24s} {row['precision']}  ort {row['ort_ms']:8.2f} ms  edgec {row['edgec_ms']:8.2f} ms"
                 f"  edgec/ort {row['ratio']:5.2f}  max|err| {row['max_abs_err']:.2e} (range {row['ref_range']:.2f})"

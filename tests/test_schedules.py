@@ -165,15 +165,21 @@ def test_pool_and_gemm_match_onnxruntime(pool):
 
 
 def test_classifier_with_1000_classes_matches_onnxruntime():
-    """1000 outputs = 125 vectors of 8 lanes: the matvec tile is 5 vectors wide (not 1)."""
-    from edgec.schedules.cpu import tile_shape
+    """1000 outputs = 125 vectors of 8 lanes: a register tile 5 vectors wide (not 1); with large
+    (cold, streamed) weights, parallel chunks of 25 vectors that read weight rows contiguously."""
+    from edgec.schedules.cpu import stream_chunk, tile_shape
 
     assert tile_shape(125, 1, 32) == (1, 5)
-    model = head_model(cin=64, hw=3, classes=1000)
-    for seed in (1, 2):
-        y, ref = _run_both(model, (1, 64, 3, 3), seed)
-        assert y.shape == ref.shape == (1, 1000)
-        assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max())
+    assert stream_chunk(125) == 25 and stream_chunk(80) == 20 and stream_chunk(32) == 8
+    assert stream_chunk(6) == 6  # too few vectors to split
+    for cin in (64, 320):  # 256 KB of weights: register tiles; 1.28 MB: streamed chunks
+        model = head_model(cin=cin, hw=3, classes=1000)
+        for seed in (1, 2):
+            y, ref = _run_both(model, (1, cin, 3, 3), seed)
+            assert y.shape == ref.shape == (1, 1000)
+            assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max())
+    streamed = [s for n, s in _scheduled_funcs(head_model(cin=320, hw=3, classes=1000)).items() if "matmul" in n]
+    assert streamed and "T.parallel(T.int64(5))" in streamed[0], streamed
 
 
 def test_input_transpose_folds_into_the_stem_conv():

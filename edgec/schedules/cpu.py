@@ -245,6 +245,13 @@ def schedule_reduction(func: Any, target: Any) -> Any | None:
         v = c_ext  # narrow channels (e.g. 3): one short vector
     w_ext = _extent(sch, spatial[-2]) if len(spatial) >= 2 else 1
     tw, tc = tile_shape(c_ext // v, w_ext, params.registers)
+    pixels = 1
+    for lp in spatial[:-1]:
+        pixels *= _extent(sch, lp) or 1
+    weight_bytes = operand_bytes[1] if operand_bytes is not None else c_ext * reduce_len * 4
+    streaming = pixels == 1 and weight_bytes >= _STREAM_MIN_BYTES
+    if streaming:
+        tw, tc = 1, stream_chunk(c_ext // v)
     if len(spatial) >= 2:
         w_loop = spatial[-2]
         w_o, w_i = sch.split(w_loop, factors=[None, tw])
@@ -266,7 +273,8 @@ def schedule_reduction(func: Any, target: Any) -> Any | None:
     sch.parallel(fused)
     if w_i is not None:
         sch.unroll(w_i)
-    sch.unroll(c_m)
+    if not streaming:
+        sch.unroll(c_m)
     if v > 1:
         sch.vectorize(c_v)
 
@@ -287,6 +295,29 @@ def schedule_reduction(func: Any, target: Any) -> Any | None:
     if v > 1:
         sch.vectorize(init_loops[-1])
     return sch
+
+
+_STREAM_MIN_BYTES = 256 * 1024
+_STREAM_CHUNKS = (4, 8, 2, 6, 5, 3, 7)
+_STREAM_MIN_CHUNK = 8
+
+
+def stream_chunk(c_vectors: int) -> int:
+    """Channel vectors per parallel chunk of a matrix-vector product (one output pixel).
+
+    A classifier ``y[k] = sum_c x[c] * W[c, k]`` (or a 1x1 conv on a 1x1 map) has no pixel reuse:
+    it streams its weights once, and they are cold (read once per inference, evicted by the
+    rest of the network).  With register tiles of ``Tc`` vectors each weight row is read in
+    ``Tc*V``-float pieces at a stride of ``C_out`` floats, which the hardware prefetchers
+    follow poorly.  Instead each parallel chunk holds a wide slice of the outputs (its
+    accumulators in L1, not registers) and walks the reduction reading ``chunk*V`` contiguous
+    floats of every weight row.  Chunks: 4 (or another count dividing the vectors, preferring
+    even counts for 2-core boards) of at least 8 vectors each.
+    """
+    for n in _STREAM_CHUNKS:
+        if c_vectors % n == 0 and c_vectors // n >= _STREAM_MIN_CHUNK:
+            return c_vectors // n
+    return c_vectors
 
 
 def _operand_bytes(sch: Any, block_rv: Any, iters: list[Any], n_spatial: int) -> tuple[int, int] | None:

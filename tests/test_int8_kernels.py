@@ -309,3 +309,19 @@ def test_int8_activations_and_float_models_are_left_alone():
         with target:
             out = tvm.transform.Sequential(int8.int8_passes(target))(mod)
         assert not [gv for gv, _ in out.functions_items() if gv.name_hint.startswith("edgec_int8")]
+
+
+def test_edgec_compile_command_on_a_qdq_model(tmp_path, run_cli):
+    """`edgec compile` builds a QDQ model with the integer kernels and its verification passes."""
+    import json
+
+    rng = np.random.default_rng(9)
+    fp32, shape = _residual_model(rng)
+    q = _quantize(fp32, shape, rng)
+    path = tmp_path / "m.int8.onnx"
+    onnx.save(q, str(path))
+    code, out, err = run_cli("compile", str(path), "-t", "host", "-o", str(tmp_path / "build"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (tmp_path / "build").is_dir()
+    assert report["manifest"]["verification"]["passed"] is True

@@ -693,7 +693,7 @@ def integer_qdq_pass() -> Any:
 
         def _emit(self, binding: Any, new: Any) -> Any:
             nv = self.builder_.emit(new) if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output(new)
-            self.set_var_remap(binding.var.vid, nv) if hasattr(binding.var, "vid") else self.set_var_remap(binding.var, nv)
+            self.set_var_remap(binding.var, nv)
             return nv
 
         def _to_nhwc(self, var: Any) -> Any:
@@ -793,13 +793,9 @@ def integer_qdq_pass() -> Any:
                         new_args.append(a)  # PrimValue / scalar
                         continue
                     return False
-                if op in ("relax.quantize", "relax.dequantize"):
-                    if any(_const(p) is None or _const(p).size != 1 for p in args[1:]):
-                        return False
-                    new = relax.Call(e.op, new_args, e.attrs)
-                else:
-                    new = relax.Call(e.op, new_args, e.attrs)
-                self._set_nhwc(binding, new)
+                if op in ("relax.quantize", "relax.dequantize") and any(_const(p) is None or _const(p).size != 1 for p in args[1:]):
+                    return False  # per-channel parameters along the NCHW axis
+                self._set_nhwc(binding, relax.Call(e.op, new_args, e.attrs))
                 return True
             x = args[0]
             if not (isinstance(x, relax.Var) and x in self.nhwc):

@@ -136,6 +136,28 @@ def test_conv_forms_match_onnxruntime(case):
         assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * scale, case
 
 
+@pytest.mark.parametrize("case", ["pointwise_residual", "depthwise3x3_stride2", "stem_rgb_7x7_stride2", "dense3x3_odd_wide"])
+def test_parallel_schedules_match_onnxruntime(case, parallel_always):
+    """The same forms with their parallel loops (the default runs these small shapes serially)."""
+    cin, cout, k, stride, groups, hw, extra = CONV_CASES[case]
+    model = conv_block(cin, cout, k, stride, groups, hw, **extra)
+    y, ref = _run_both(model, (1, cin, hw, hw), 3)
+    assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * max(float(np.abs(ref).max()), 1e-6), case
+
+
+def test_small_reductions_run_serially():
+    """Under ~2M multiply-adds no parallel loop (thread-pool launch costs more than it saves);
+    above, one parallel loop over the tiles."""
+    from edgec.schedules.cpu import PARALLEL_MIN_MACS, run_serially
+
+    assert run_serially(PARALLEL_MIN_MACS - 1) and not run_serially(PARALLEL_MIN_MACS)
+    small = conv_block(32, 48, 1, 1, 1, 14)  # 14*14*48*32 = 0.3M MACs
+    big = conv_block(64, 64, 3, 1, 1, 28, bn=False)  # 28*28*64*576 = 28.9M MACs
+    for model, parallel in ((small, False), (big, True)):
+        convs = [s for n, s in _scheduled_funcs(model).items() if "conv2d" in n]
+        assert convs and all(("T.parallel" in s) == parallel and "T.vectorized" in s for s in convs)
+
+
 def head_model(cin=40, hw=7, classes=10, seed=0, pool="mean"):
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((classes, cin)) / np.sqrt(cin)).astype(np.float32)
@@ -164,7 +186,7 @@ def test_pool_and_gemm_match_onnxruntime(pool):
     assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max())
 
 
-def test_classifier_with_1000_classes_matches_onnxruntime():
+def test_classifier_with_1000_classes_matches_onnxruntime(parallel_always):
     """1000 outputs = 125 vectors of 8 lanes: a register tile 5 vectors wide (not 1); with large
     (cold, streamed) weights, parallel chunks of 25 vectors that read weight rows contiguously."""
     from edgec.schedules.cpu import stream_chunk, tile_shape
@@ -182,7 +204,7 @@ def test_classifier_with_1000_classes_matches_onnxruntime():
     assert streamed and "T.parallel(T.int64(5))" in streamed[0], streamed
 
 
-def test_input_transpose_folds_into_the_stem_conv():
+def test_input_transpose_folds_into_the_stem_conv(parallel_always):
     """The NCHW model input feeds the stem conv directly: no input transpose function is left,
     the conv function reads the NCHW input and is still register-tiled (parallel + vector)."""
     model = conv_block(3, 16, 3, 2, 1, 17, stem=True)
@@ -202,7 +224,15 @@ def test_input_transpose_folds_into_the_stem_conv():
     assert script.count("R.permute_dims(x") == 1, script
 
 
-def test_rules_fire_on_every_conv_form():
+@pytest.fixture
+def parallel_always(monkeypatch):
+    """Parallel loops even for the small test shapes (they run serially by default)."""
+    from edgec.schedules import cpu
+
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_MACS", 0)
+
+
+def test_rules_fire_on_every_conv_form(parallel_always):
     """Every conv/pool/gemm function is scheduled by the register-tiled rule: parallel + vector."""
     for case in ("pointwise", "depthwise3x3_stride2", "dense3x3_rgb_stride2", "grouped"):
         cin, cout, k, stride, groups, hw, extra = CONV_CASES[case]
@@ -374,7 +404,7 @@ def test_tile_shape_fits_registers_and_divides():
     assert tile_shape(16, 14, 32) == (7, 2)
 
 
-def test_padding_materialized_for_dense_inlined_for_strided_depthwise():
+def test_padding_materialized_for_dense_inlined_for_strided_depthwise(parallel_always):
     dense = _scheduled_funcs(conv_block(16, 32, 3, 1, 1, 13, bn=False))
     assert any("conv2d" in n and 'sblock("pad_temp")' in s for n, s in dense.items()), list(dense)
     # the NCHW-reading stem pads its 3-channel input in one pass before the tiles' parallel loop

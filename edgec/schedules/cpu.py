@@ -270,7 +270,9 @@ def schedule_reduction(func: Any, target: Any) -> Any | None:
     else:
         sch.reorder(*outer, c_o, *reduce, *tile)
         fused = sch.fuse(*outer, c_o) if outer else c_o
-    sch.parallel(fused)
+    parallel = not run_serially(out_elems * reduce_len)
+    if parallel:
+        sch.parallel(fused)
     if w_i is not None:
         sch.unroll(w_i)
     if not streaming:
@@ -280,7 +282,7 @@ def schedule_reduction(func: Any, target: Any) -> Any | None:
 
     for p in kept:
         per_tile = reduce_len >= _AT_TILE_MIN_REDUCTION and (_extent(sch, reduce[-1]) or 1) >= lanes
-        _producer_at_tile(sch, p, fused if per_tile else None, lanes)
+        _producer_at_tile(sch, p, fused if per_tile else None, lanes, parallel)
 
     if epilogue is not None:
         sch.set_scope(main, 0, "local")
@@ -374,6 +376,22 @@ def _channel_tiles_outside(operand_bytes: tuple[int, int] | None, n_pixel_tiles:
 
 
 _MATERIALIZE_MAX_COPY = 0.25
+#: reductions with fewer multiply-adds than this run serially (no parallel loop, see below).
+PARALLEL_MIN_MACS = 2_000_000
+
+
+def run_serially(macs: int) -> bool:
+    """Whether a reduction of ``macs`` multiply-adds gets no parallel loop.
+
+    Every parallel loop is a call into TVM's thread pool, which costs microseconds even with one
+    thread (the pool's launch and barrier) and, with more threads, wakes workers that may be
+    descheduled on a busy board.  A small function (under ~2M multiply-adds, tens of
+    microseconds) gains less from a second core than that.  Measured on mcunet (~50 functions
+    of 5-70 us; same-run A/B, 1 thread): 1.31 -> 1.12 ms with functions under 2M MACs serial
+    (onnxruntime 1.19 ms), 2 threads (loaded host) 1.66 -> 1.18 ms; mobilenet_v2 (few small
+    functions) unchanged at 1 and 2 threads.
+    """
+    return macs < PARALLEL_MIN_MACS
 
 
 def _materialize_producers(reduce_len: int, in_elems: int, out_elems: int) -> bool:
@@ -395,7 +413,7 @@ def _materialize_producers(reduce_len: int, in_elems: int, out_elems: int) -> bo
 _AT_TILE_MIN_REDUCTION = 64
 
 
-def _producer_at_tile(sch: Any, block_rv: Any, fused: Any | None, lanes: int) -> None:
+def _producer_at_tile(sch: Any, block_rv: Any, fused: Any | None, lanes: int, parallel: bool = True) -> None:
     """Compute a kept producer (padding) per tile of the parallel loop ``fused``, else (``fused``
     None, or that fails) as its own parallel loop nest.
 
@@ -420,12 +438,13 @@ def _producer_at_tile(sch: Any, block_rv: Any, fused: Any | None, lanes: int) ->
             return
         except Exception:  # noqa: BLE001 - fall back to a separate parallel loop nest
             pass
-    _schedule_producer(sch, block_rv, lanes)
+    _schedule_producer(sch, block_rv, lanes, parallel)
 
 
-def _schedule_producer(sch: Any, block_rv: Any, lanes: int) -> None:
+def _schedule_producer(sch: Any, block_rv: Any, lanes: int, parallel: bool = True) -> None:
     """A producer kept as its own loop nest: outer loops parallel, innermost vectorized."""
-    _parallel_outer(sch, block_rv)
+    if parallel:
+        _parallel_outer(sch, block_rv)
     try:
         _vectorize_tail(sch, block_rv, lanes)
     except Exception:  # noqa: BLE001 - leave it scalar

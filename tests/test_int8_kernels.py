@@ -325,3 +325,30 @@ def test_edgec_compile_command_on_a_qdq_model(tmp_path, run_cli):
     report = json.loads(out)
     assert (tmp_path / "build").is_dir()
     assert report["manifest"]["verification"]["passed"] is True
+
+
+@pytest.mark.slow
+def test_zoo_mcunet_int8_end_to_end(zoo_onnx):
+    """mcunet quantized on photos: every dense conv and the classifier on integer kernels; output
+    within onnxruntime's own int8-vs-reference deviation (x2) on fixed inputs."""
+    import onnxruntime as ort
+    import tvm
+
+    from edgec.calibration import BuiltinDataset
+    from edgec.verify import input_specs, session
+
+    fp32 = zoo_onnx("mcunet", fold_bn=True)
+    specs = input_specs(fp32)
+    q = quantize_model(fp32, BuiltinDataset("photos").load(specs, 8), QuantConfig(activations="uint8")).model
+    vm, kernels = _compile(q)
+    n_dense = sum(1 for n in q.graph.node if n.op_type == "Conv" and not any(a.name == "group" and a.i > 1 for a in n.attribute))
+    assert len(kernels) >= n_dense  # + the Gemm
+    ref_sess = session(q)
+    int8_sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        x = rng.standard_normal(specs[0].shape).astype(np.float32)
+        ref = ref_sess.run(None, {specs[0].name: x})[0]
+        own = float(np.abs(int8_sess.run(None, {specs[0].name: x})[0] - ref).max())
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        assert float(np.abs(got - ref).max()) <= 2 * own + 1e-3 * float(np.abs(ref).max())

@@ -7,7 +7,7 @@
    FuseTIR``, i.e. ``relax.pipeline.zero_pipeline`` plus dispatch), exactly what
    ``edgec compile`` schedules later, so the database's workload keys match;
 2. each distinct fused TIR function is a task (``extract_tasks``), weighted by how often the
-   model calls it; the estimated model latency is ``sum_i weight_i * best_i`` over tasks;
+   model calls it; edgec's own hand-scheduled kernels (the int8 VNNI kernels) are not tasks; the estimated model latency is ``sum_i weight_i * best_i`` over tasks;
 3. **seeding** (CPU targets, ``seed_with_rules``): edgec's own rule-based schedule of each task
    (:func:`edgec.schedules.cpu.apply_rules`, what an untuned ``edgec compile`` uses) is built and
    timed first, the same way as any candidate, and stored as a tuning record.  The search starts
@@ -197,7 +197,7 @@ def database_coverage(mod: Any, target: Target, db: Path) -> Coverage:
     database = open_database(db)
     found: list[str] = []
     missing: list[str] = []
-    for task in ms.relax_integration.extract_tasks(legalized(mod, target), tvm_target):
+    for task in tunable_tasks(ms.relax_integration.extract_tasks(legalized(mod, target), tvm_target)):
         hit = database.query_tuning_record(task.dispatched[0], tvm_target, "main") is not None
         (found if hit else missing).append(task.task_name)
     return Coverage(tuple(found), tuple(missing))
@@ -226,7 +226,7 @@ def tune_model(
     try:
         mod = tuning_module(model, target, config.input_shapes)
         tvm_target = tvm.target.Target(tuning_config(target, config))
-        extracted = ms.relax_integration.extract_tasks(mod, tvm_target)
+        extracted = tunable_tasks(ms.relax_integration.extract_tasks(mod, tvm_target))
     except EdgecError:
         raise
     except Exception as exc:
@@ -235,7 +235,8 @@ def tune_model(
             "check that `edgec compile` works for this model and target first",
         ) from None
     if not extracted:
-        raise EdgecError("the model has no TIR function to tune", "compile it directly with `edgec compile`")
+        raise EdgecError("the model has no TIR function to tune (edgec's own kernels cover all of it)",
+                         "compile it directly with `edgec compile`")
     db_dir = Path(config.db)
     db_dir.mkdir(parents=True, exist_ok=True)
     with _named_handlers_only():
@@ -286,17 +287,23 @@ def tune_model(
         if on_event and rules_ms:
             est = sum(weights[i] * b for i, b in best.items())
             on_event(TuneEvent(0, config.trials, "edgec rules", None, est, len(best), len(names)))
-    ms.tune.tune_tasks(
-        tasks=contexts,
-        task_weights=weights,
-        work_dir=str(db_dir / "logs"),
-        max_trials_global=config.trials,
-        num_trials_per_iter=config.trials_per_iter,
-        builder=builder,
-        runner=runner,
-        database=database,
-        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), Progress()],
-    )
+    try:
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(db_dir / "logs"),
+            max_trials_global=config.trials,
+            num_trials_per_iter=config.trials_per_iter,
+            builder=builder,
+            runner=runner,
+            database=database,
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), Progress()],
+        )
+    except Exception as exc:
+        raise EdgecError.wrapping(
+            f"MetaSchedule failed while tuning for {target.name}", exc,
+            f"its log is in {db_dir / 'logs'}; records measured so far stay in the database",
+        ) from None
     tasks = tuple(
         TaskReport(names[i], int(extracted[i].weight), trials_per_task.get(i, 0), best.get(i), rules_ms.get(i))
         for i in range(len(names))
@@ -333,6 +340,20 @@ def seed_with_rules(contexts: Any, tvm_target: Any, builder: Any, runner: Any, d
         database.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, database.commit_workload(ctx.mod), res.run_secs, tvm_target, args[k]))
         out[i] = 1e3 * sum(secs) / len(secs)
+    return out
+
+
+def tunable_tasks(tasks: Any) -> list[Any]:
+    """The extracted tasks MetaSchedule can search: not edgec's own hand-scheduled kernels
+    (``tirx.is_scheduled``, e.g. the int8 VNNI kernels of :mod:`edgec.schedules.int8`, which are
+    tensorized already and which MetaSchedule's design-space rules cannot take apart)."""
+    out = []
+    for task in tasks:
+        func = task.dispatched[0]["main"]
+        attrs = func.attrs
+        if attrs is not None and "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1:
+            continue
+        out.append(task)
     return out
 
 

@@ -301,6 +301,26 @@ def test_tune_configuration_and_refusals(tmp_path: Path, run_cli) -> None:
     assert code != 0 and "--tracker" in err and "Traceback" not in err
 
 
+def test_tune_leaves_edgec_kernels_alone() -> None:
+    """Functions edgec scheduled itself (the int8 VNNI kernels: tensorized, ``tirx.is_scheduled``)
+    are not tuning tasks: MetaSchedule's design-space rules cannot take them apart."""
+    import types
+
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgec.tune import TuneConfig, tunable_tasks, tuning_config, tuning_module
+
+    host = get_target("host")
+    mod = tuning_module(small_cnn(np.random.default_rng()), host)
+    tasks = ms.relax_integration.extract_tasks(mod, tvm.target.Target(tuning_config(host, TuneConfig(host, 1, Path("."), num_cores=1))))
+    assert len(tunable_tasks(tasks)) == len(tasks) > 1
+    first = tasks[0].dispatched[0]
+    done = tvm.IRModule({"main": first["main"].with_attr("tirx.is_scheduled", True)})
+    fake = [types.SimpleNamespace(dispatched=[done], task_name="kernel")] + list(tasks[1:])
+    assert [t.task_name for t in tunable_tasks(fake)] == [t.task_name for t in tasks[1:]]
+
+
 @pytest.mark.slow  # MetaSchedule: minutes even for 4 trials (worker pools, builds)
 def test_tune_then_compile_with_the_database(tmp_path: Path, run_cli) -> None:
     rng = np.random.default_rng()

@@ -104,8 +104,9 @@ def _channel_vector(const: Any, channels: int) -> Any | None:
     return np.broadcast_to(v.reshape(-1).astype(np.float64), (channels,)).copy()
 
 
-def _static_shape(var: Any) -> list[int] | None:
-    shape = getattr(var.ty, "shape", None)
+def static_shape(e: Any) -> list[int] | None:
+    """The static shape of a Relax expression's tensor type, or None (unknown, dynamic, not a tensor)."""
+    shape = getattr(getattr(e, "ty", None), "shape", None)
     if shape is None:
         return None
     try:
@@ -157,15 +158,15 @@ def rewrite_function(func: Any) -> Any:
                     prev = states.get(lhs) if isinstance(lhs, relax.Var) else None
                     single_use = prev is not None and uses.get(lhs, 0) == 1
                     if (prev is None or not single_use) and isinstance(lhs, relax.Var) and _is_const(rhs):
-                        shape = _static_shape(lhs)
+                        shape = static_shape(lhs)
                         if shape is not None and len(shape) == 4 and str(getattr(lhs.ty, "dtype", "")) == "float32":
                             # a new chain on a tensor that is not (or no longer) foldable into a conv
                             prev = _Affine(None, lhs, np.ones(shape[1]), np.zeros(shape[1]), 0)
                             single_use = True
                     if prev is not None and single_use and _is_const(rhs):
                         t = _channel_vector(rhs, prev.scale.shape[0])
-                        out_shape = _static_shape(b.var)
-                        in_shape = _static_shape(lhs)
+                        out_shape = static_shape(b.var)
+                        in_shape = static_shape(lhs)
                         if t is not None and out_shape is not None and out_shape == in_shape and not (op == "relax.divide" and np.any(t == 0)):
                             a, c = prev.scale.copy(), prev.shift.copy()
                             if op == "relax.add":

@@ -70,6 +70,8 @@ import dataclasses
 import math
 from typing import Any
 
+from edgec.schedules.fold import static_shape
+
 #: name of edgec's 16x4 u8 x s8 -> s32 VNNI tensor intrinsic (TVM 0.27's own ``dot_16x4_vnni``
 #: calls ``llvm.x86.avx512.vpdpbusd.512`` with i32 vectors, which the bundled LLVM rejects: the
 #: intrinsic takes ``<64 x i8>`` operands).
@@ -449,16 +451,6 @@ def _scalar(e: Any) -> float | None:
     return float(v.reshape(-1)[0])
 
 
-def _shape(e: Any) -> list[int] | None:
-    shape = getattr(getattr(e, "ty", None), "shape", None)
-    if shape is None:
-        return None
-    try:
-        return [int(d) for d in shape]
-    except (TypeError, ValueError):
-        return None
-
-
 def _dtype(e: Any) -> str:
     return str(getattr(getattr(e, "ty", None), "dtype", ""))
 
@@ -605,7 +597,7 @@ def match_layer(g: _Graph, anchor: Any) -> QLayer | None:
             return None
         x = _dequantized_input(g, e.args[0])
         w = _dequantized_const(g, e.args[1])
-        xs = _shape(x[0]) if x is not None else None
+        xs = static_shape(x[0]) if x is not None else None
         if x is None or w is None or w[0].dtype != np.int8 or w[0].ndim != 4 or xs is None or len(xs) != 4 or xs[0] != 1:
             return None
         if w[1].size not in (1, w[0].shape[0]) or (w[1].size > 1 and w[2] != 0):
@@ -616,7 +608,7 @@ def match_layer(g: _Graph, anchor: Any) -> QLayer | None:
                        tuple(int(d) for d in a.dilation), bias, bias_q, bias_scale, out_scale, out_zp, lo, hi)
     elif op == "relax.matmul":
         x = _dequantized_input(g, e.args[0])
-        xs = _shape(x[0]) if x is not None else None
+        xs = static_shape(x[0]) if x is not None else None
         if x is None or xs is None or len(xs) != 2:
             return None
         wv = g.value(e.args[1])
@@ -731,7 +723,7 @@ def integer_qdq_pass() -> Any:
             return self._propagate(binding, e, op)
 
         def _kernel(self, binding: Any, layer: QLayer) -> bool:
-            x_shape = _shape(layer.x_q)
+            x_shape = static_shape(layer.x_q)
             if x_shape is None:
                 return False
             conv = layer_geometry(layer, x_shape)
@@ -763,7 +755,7 @@ def integer_qdq_pass() -> Any:
             args = list(e.args)
             if not args or not any(isinstance(a, relax.Var) and a in self.nhwc for a in args):
                 return False
-            out_shape = _shape(binding.var)
+            out_shape = static_shape(binding.var)
             if op in _ELEMENTWISE:
                 if out_shape is None or len(out_shape) != 4:
                     return False
@@ -785,7 +777,7 @@ def integer_qdq_pass() -> Any:
                         c4 = c.reshape((1,) * (4 - c.ndim) + c.shape).transpose(_TO_NHWC)
                         new_args.append(relax.const(np.ascontiguousarray(c4)))
                         continue
-                    shp = _shape(a)
+                    shp = static_shape(a)
                     if isinstance(a, relax.Var) and shp is not None and len(shp) == 4 and math.prod(shp) <= _SMALL_OPERAND:
                         new_args.append(relax.op.permute_dims(self._cur(a), _TO_NHWC))
                         continue
@@ -819,7 +811,7 @@ def integer_qdq_pass() -> Any:
                     self._emit(binding, relax.op.mean(xn, [1, 2], keepdims=False))
                 return True
             if op == "relax.reshape":
-                in_shape = _shape(x)
+                in_shape = static_shape(x)
                 if in_shape is None or len(in_shape) != 4 or in_shape[2] != 1 or in_shape[3] != 1 or out_shape is None or len(out_shape) == 4:
                     return False
                 self._emit(binding, relax.op.reshape(xn, out_shape))

@@ -7,7 +7,8 @@
    FuseTIR``, i.e. ``relax.pipeline.zero_pipeline`` plus dispatch), exactly what
    ``edgec compile`` schedules later, so the database's workload keys match;
 2. each distinct fused TIR function is a task (``extract_tasks``), weighted by how often the
-   model calls it; edgec's own hand-scheduled kernels (the int8 VNNI kernels) are not tasks; the estimated model latency is ``sum_i weight_i * best_i`` over tasks;
+   model calls it (edgec's own hand-scheduled kernels, the int8 VNNI ones, are not tasks); the
+   estimated model latency is ``sum_i weight_i * best_i`` over tasks;
 3. **seeding** (CPU targets, ``seed_with_rules``): edgec's own rule-based schedule of each task
    (:func:`edgec.schedules.cpu.apply_rules`, what an untuned ``edgec compile`` uses) is built and
    timed first, the same way as any candidate, and stored as a tuning record.  The search starts
@@ -252,11 +253,9 @@ def tune_model(
     class Progress(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any, builder_results: Any, runner_results: Any) -> None:
             for r in runner_results:
-                secs = [float(s) for s in (r.run_secs or [])]
-                if r.error_msg is None and secs:
-                    ms_ = 1e3 * sum(secs) / len(secs)
-                    if ms_ < best.get(task_id, float("inf")):
-                        best[task_id] = ms_
+                ms_ = _mean_ms(r)
+                if ms_ is not None and ms_ < best.get(task_id, float("inf")):
+                    best[task_id] = ms_
             done[0] += len(runner_results)
             trials_per_task[task_id] = trials_per_task.get(task_id, 0) + len(runner_results)
             if on_event:
@@ -312,8 +311,9 @@ def tune_model(
 
 
 def seed_with_rules(contexts: Any, tvm_target: Any, builder: Any, runner: Any, database: Any) -> dict[int, float]:
-    """Build and time edgec's rule-based schedule of each task (one builder batch) and commit
-    each that ran as a tuning record; returns ms per task index."""
+    """Build and time edgec's rule-based schedule of each task (one builder batch; CPU targets:
+    the rules are CPU schedules) and commit each that ran as a tuning record; returns ms per task
+    index."""
     from tvm.s_tir import meta_schedule as ms
 
     from edgec.schedules.cpu import apply_rules
@@ -327,34 +327,34 @@ def seed_with_rules(contexts: Any, tvm_target: Any, builder: Any, runner: Any, d
         return {}
     built = builder.build([ms.builder.BuilderInput(sch.mod, tvm_target) for _, _, sch in scheduled])
     args = [ms.arg_info.ArgInfo.from_entry_func(sch.mod, True) for _, _, sch in scheduled]
-    device = "cuda" if tvm_target.kind.name == "cuda" else "cpu"
     ok = [(k, b) for k, b in enumerate(built) if b.error_msg is None]
-    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device, args[k]) for k, b in ok])
+    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", args[k]) for k, b in ok])
     out: dict[int, float] = {}
     for (k, _), fut in zip(ok, futures):
         res = fut.result()
-        secs = [float(x) for x in (res.run_secs or [])]
-        if res.error_msg is not None or not secs:
+        ms_ = _mean_ms(res)
+        if ms_ is None:
             continue
         i, ctx, sch = scheduled[k]
         database.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, database.commit_workload(ctx.mod), res.run_secs, tvm_target, args[k]))
-        out[i] = 1e3 * sum(secs) / len(secs)
+        out[i] = ms_
     return out
+
+
+def _mean_ms(result: Any) -> float | None:
+    """Mean run time in ms of a MetaSchedule runner result, or None when it failed."""
+    secs = [float(x) for x in (result.run_secs or [])]
+    return 1e3 * sum(secs) / len(secs) if result.error_msg is None and secs else None
 
 
 def tunable_tasks(tasks: Any) -> list[Any]:
     """The extracted tasks MetaSchedule can search: not edgec's own hand-scheduled kernels
     (``tirx.is_scheduled``, e.g. the int8 VNNI kernels of :mod:`edgec.schedules.int8`, which are
     tensorized already and which MetaSchedule's design-space rules cannot take apart)."""
-    out = []
-    for task in tasks:
-        func = task.dispatched[0]["main"]
-        attrs = func.attrs
-        if attrs is not None and "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1:
-            continue
-        out.append(task)
-    return out
+    from edgec.schedules import is_scheduled
+
+    return [task for task in tasks if not is_scheduled(task.dispatched[0]["main"])]
 
 
 @contextlib.contextmanager

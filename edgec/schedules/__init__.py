@@ -18,6 +18,13 @@ def _is_cpu(target: Any) -> bool:
     return target is not None and target.kind.name == "llvm"
 
 
+def is_scheduled(func: Any) -> bool:
+    """True for a PrimFunc that is scheduled already (``tirx.is_scheduled``): by edgec's rules, by a
+    tuning database, or one of edgec's hand-written kernels such as the int8 VNNI ones."""
+    attrs = func.attrs
+    return attrs is not None and "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1
+
+
 def layout_passes(target: Any) -> list[Any]:
     """Relax passes to run before ``LegalizeOps`` for ``target`` (may be empty)."""
     if not _is_cpu(target):
@@ -43,7 +50,7 @@ def default_schedule_pass(target: Any) -> Any | None:
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc):
                 continue
-            if func.attrs is not None and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1:
+            if is_scheduled(func):
                 continue
             sch = apply_rules(func, target)
             if sch is not None:

@@ -60,7 +60,7 @@ def _scheduled_funcs(model):
     return {gv.name_hint: f.script() for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
 
 
-def conv_block(cin, cout, k, stride, groups, hw, *, bn=True, clip=True, residual=False, seed=0, stem=False):
+def conv_block(cin, cout, k, stride, groups, hw, *, bn=True, clip=True, residual=False, seed=0, stem=False, bias=True):
     """Conv (+BN, +residual, +ReLU6).  ``stem``: the conv reads the model input itself (and gets
     the NCHW-reading stem conv); otherwise it reads ``Relu(x)``, a channels-last tensor."""
     rng = np.random.default_rng(seed)
@@ -69,8 +69,9 @@ def conv_block(cin, cout, k, stride, groups, hw, *, bn=True, clip=True, residual
     pad = (k - 1) // 2
     src = "x" if stem else "xr"
     nodes = [] if stem else [helper.make_node("Relu", ["x"], ["xr"])]
-    nodes.append(helper.make_node("Conv", [src, "w", "b"], ["c"], strides=[stride] * 2, pads=[pad] * 4, group=groups))
-    inits = [tensor("w", w), tensor("b", b)]
+    conv_in = [src, "w", "b"] if bias else [src, "w"]
+    nodes.append(helper.make_node("Conv", conv_in, ["c"], strides=[stride] * 2, pads=[pad] * 4, group=groups))
+    inits = [tensor("w", w), tensor("b", b)] if bias else [tensor("w", w)]
     last = "c"
     if bn:
         inits += [
@@ -436,3 +437,95 @@ def test_batchnorm_on_a_non_conv_branch_becomes_one_multiply_add():
     for seed in (1, 2):
         y, ref = _run_both(model, (1, c, 5, 5), seed)
         assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max())
+
+
+# packed weights: (cin, cout, k, stride, groups, hw, extra); every case has more than one
+# channel block (K/B > 1) on AVX-512 and on NEON, so the packed path is the one exercised
+PACKED_CASES = {
+    "dense3x3_bias": (32, 128, 3, 1, 1, 14, {"bn": False}),
+    "dense3x3_stride2_pad": (24, 96, 3, 2, 1, 15, {}),
+    "dense5x5_stride2_no_bias": (16, 128, 5, 2, 1, 11, {"bn": False, "clip": False, "bias": False}),
+    "pointwise_residual": (96, 96, 1, 1, 1, 7, {"residual": True}),
+    "pointwise_odd_blocks": (40, 200, 1, 1, 1, 5, {}),
+    "pointwise_wide_weights_outer": (320, 1280, 1, 1, 1, 3, {}),
+    "depthwise3x3": (144, 144, 3, 1, 144, 14, {}),
+    "depthwise3x3_stride2": (96, 96, 3, 2, 96, 16, {}),
+    "depthwise7x7_stride2_odd_width": (96, 96, 7, 2, 96, 13, {}),
+    "grouped3x3": (64, 128, 3, 1, 4, 9, {}),
+    "grouped_stride2": (96, 96, 3, 2, 2, 10, {"bn": False}),
+}
+
+
+def _packed_names(model):
+    return [n for n in _scheduled_funcs(model) if "conv2d_packed" in n or "matmul_packed" in n]
+
+
+@pytest.mark.parametrize("case", sorted(PACKED_CASES))
+def test_packed_weight_convs_match_onnxruntime(case):
+    """Convs whose constant weights are packed per channel tile ([K/B, KH, KW, Cg, B]) give
+    onnxruntime's outputs (dense, depthwise, grouped; stride 2 with padding; bias / none)."""
+    cin, cout, k, stride, groups, hw, extra = PACKED_CASES[case]
+    model = conv_block(cin, cout, k, stride, groups, hw, **extra)
+    assert _packed_names(model), case  # the packed path is the one tested
+    for seed in (1, 2):
+        y, ref = _run_both(model, (1, cin, hw, hw), seed)
+        assert y.shape == ref.shape
+        assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * max(float(np.abs(ref).max()), 1e-6), case
+
+
+def test_packed_weights_layout_and_block_follow_the_register_tile():
+    """pack_hwio / pack_matrix put one channel block's weights contiguously, in reduction order,
+    and the block is the schedule's channel tile (Tc * V) for that output shape."""
+    from edgec.schedules.cpu import channel_tile
+    from edgec.schedules.layout import pack_hwio, pack_matrix
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 3, 5, 96)).astype(np.float32)  # HWIO
+    p = pack_hwio(w, 32)
+    assert p.shape == (3, 3, 3, 5, 32) and p.flags["C_CONTIGUOUS"]
+    for kk in (0, 31, 32, 95):
+        assert np.array_equal(p[kk // 32, :, :, :, kk % 32], w[..., kk])
+    m = rng.standard_normal((7, 48)).astype(np.float32)
+    pm = pack_matrix(m, 16)
+    assert pm.shape == (3, 7, 16) and np.array_equal(pm[2, :, 5], m[:, 37])
+    # AVX-512 (16 lanes, 32 registers): 128 channels at 14 wide -> 7 px x 2 vectors, B = 32
+    t = channel_tile(128, 14, 196, 3 * 3 * 32 * 128 * 4, 16, 32)
+    assert (t.pixels, t.vectors, t.lanes, t.block) == (7, 2, 16, 32)
+    # a streamed matrix-vector product: the block is the parallel chunk (1000 = 125 x 8 lanes)
+    t = channel_tile(1000, 1, 1, 1280 * 1000 * 4, 16, 32)
+    assert t.streaming and t.block == 200
+
+
+def test_packed_classifier_matches_onnxruntime():
+    """Gemm with packed weights (register tile and streamed chunks) equals onnxruntime."""
+    for cin, classes in ((64, 96), (320, 1000)):
+        model = head_model(cin=cin, hw=3, classes=classes)
+        funcs = _scheduled_funcs(model)
+        assert any("matmul_packed" in n for n in funcs), list(funcs)
+        y, ref = _run_both(model, (1, cin, 3, 3), 4)
+        assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max())
+
+
+def test_packed_convs_cross_compile_for_neon(tmp_path):
+    """The NEON target (4 lanes) packs with its own tile and the module links for aarch64."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgec.schedules import compile_module
+
+    neon = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]})
+    model = conv_block(24, 96, 3, 2, 1, 15)
+    ex = compile_module(from_onnx(model, keep_params_in_input=False), neon)
+    path = tmp_path / "m.so"
+    ex.export_library(str(path), cc="aarch64-linux-gnu-gcc")
+    assert path.stat().st_size > 0
+    with neon:
+        seq = tvm.transform.Sequential(schedules_layout(neon))
+        script = seq(from_onnx(model, keep_params_in_input=False))["main"].script(show_meta=False)
+    assert "conv2d_packed" in script
+
+
+def schedules_layout(target):
+    from edgec import schedules
+
+    return schedules.layout_passes(target)

@@ -167,6 +167,40 @@ def tile_shape(c_vectors: int, w_ext: int, registers: int) -> tuple[int, int]:
     return best
 
 
+@dataclasses.dataclass(frozen=True)
+class ChannelTile:
+    """The register tile of the reduction rule along the output's channel axis.
+
+    ``lanes`` channels per vector (``V``), ``vectors`` vectors per tile (``Tc``), ``pixels``
+    output pixels per tile (``Tw``); ``streaming``: a matrix-vector product whose tile is a wide
+    chunk of ``vectors`` (see :func:`stream_chunk`).  ``block = Tc * V`` output channels: the
+    block edgec's weight packing (:func:`edgec.schedules.layout.pack_weights`) lays out
+    contiguously, so the packing and the schedule must use this one function.
+    """
+
+    lanes: int
+    vectors: int
+    pixels: int
+    streaming: bool
+
+    @property
+    def block(self) -> int:
+        return self.lanes * self.vectors
+
+
+def channel_tile(c_ext: int, w_ext: int, pixels: int, weight_bytes: int, lanes: int, registers: int) -> ChannelTile:
+    """The tile of a reduction with ``c_ext`` output channels (innermost output axis), an output
+    row of ``w_ext`` pixels, ``pixels`` output pixels in all and ``weight_bytes`` of weights."""
+    v = _pick(c_ext, [lanes, lanes // 2, lanes // 4]) if lanes > 1 else 1
+    if v < 4 and c_ext < lanes and c_ext > 1:
+        v = c_ext  # narrow channels (e.g. 3): one short vector
+    tw, tc = tile_shape(c_ext // v, w_ext, registers)
+    streaming = pixels == 1 and weight_bytes >= _STREAM_MIN_BYTES
+    if streaming:
+        tw, tc = 1, stream_chunk(c_ext // v)
+    return ChannelTile(lanes=v, vectors=tc, pixels=tw, streaming=streaming)
+
+
 def schedule_reduction(func: Any, target: Any) -> Any | None:
     """The register-blocked reduction rule; None if ``func`` is not of that shape."""
     from tvm import s_tir, tirx
@@ -240,18 +274,13 @@ def schedule_reduction(func: Any, target: Any) -> Any | None:
     spatial, reduce = loops[:n_spatial], loops[n_spatial:]
     c_loop = spatial[-1]
     c_ext = _extent(sch, c_loop)
-    v = _pick(c_ext, [lanes, lanes // 2, lanes // 4]) if lanes > 1 else 1
-    if v < 4 and c_ext < lanes and c_ext > 1:
-        v = c_ext  # narrow channels (e.g. 3): one short vector
     w_ext = _extent(sch, spatial[-2]) if len(spatial) >= 2 else 1
-    tw, tc = tile_shape(c_ext // v, w_ext, params.registers)
     pixels = 1
     for lp in spatial[:-1]:
         pixels *= _extent(sch, lp) or 1
     weight_bytes = operand_bytes[1] if operand_bytes is not None else c_ext * reduce_len * 4
-    streaming = pixels == 1 and weight_bytes >= _STREAM_MIN_BYTES
-    if streaming:
-        tw, tc = 1, stream_chunk(c_ext // v)
+    ct = channel_tile(c_ext, w_ext, pixels, weight_bytes, lanes, params.registers)
+    v, tw, tc, streaming = ct.lanes, ct.pixels, ct.vectors, ct.streaming
     if len(spatial) >= 2:
         w_loop = spatial[-2]
         w_o, w_i = sch.split(w_loop, factors=[None, tw])

@@ -220,14 +220,177 @@ def fuse_input_transpose() -> Any:
     return _pass
 
 
-def channels_last_passes() -> list[Any]:
+def pack_hwio(w: Any, block: int) -> Any:
+    """HWIO weights ``[KH, KW, Cg, K]`` packed to ``[K/B, KH, KW, Cg, B]`` (numpy)."""
+    kh, kw, cg, k = w.shape
+    return w.reshape(kh, kw, cg, k // block, block).transpose(3, 0, 1, 2, 4).copy()
+
+
+def pack_matrix(w: Any, block: int) -> Any:
+    """Matmul weights ``[C, K]`` packed to ``[K/B, C, B]`` (numpy)."""
+    c, k = w.shape
+    return w.reshape(c, k // block, block).transpose(1, 0, 2).copy()
+
+
+def conv2d_nhwc_packed(data: Any, wp: Any, strides: Any, padding: Any, dilation: Any, groups: int) -> Any:
+    """TE conv2d, NHWC data, packed ``[K/B, KH, KW, Cg, B]`` weights, NHWC output (any groups).
+
+    ``y[n, h, w, k] = sum_{r, s, c} xp[n, h*sh + r*dh, w*sw + s*dw, g(k)*Cg + c] * Wp[k / B, r, s, c, k % B]``
+    with ``g(k) = k / (K/groups)``: TOPI's NHWC conv term for term (same reduction order
+    ``r, s, c``), only the weight index differs.
+    """
+    from tvm import te, topi
+
+    n, h, w, c = (int(d) for d in data.shape)
+    kb, kh, kw, cg, b = (int(d) for d in wp.shape)
+    k = kb * b
+    kg = k // groups
+    sh, sw = (int(v) for v in strides)
+    dh, dw = (int(v) for v in dilation)
+    pt, pl, pb, pr = (int(v) for v in padding)
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    if pt or pl or pb or pr:
+        data = topi.nn.pad(data, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    rc = te.reduce_axis((0, cg), name="rc")
+
+    def body(bn: Any, y: Any, x: Any, f: Any) -> Any:
+        ch = rc if groups == 1 else (f // kg) * cg + rc
+        return te.sum(
+            data[bn, y * sh + ry * dh, x * sw + rx * dw, ch] * wp[f // b, ry, rx, rc, f % b], axis=[ry, rx, rc]
+        )
+
+    return te.compute((n, oh, ow, k), body, name="conv2d_nhwc")
+
+
+def matmul_packed(data: Any, wp: Any) -> Any:
+    """TE ``y[i, k] = sum_c x[i, c] * Wp[k / B, c, k % B]`` (``Wp``: ``[C, K]`` packed, see :func:`pack_matrix`)."""
+    from tvm import te
+
+    m, c = (int(d) for d in data.shape)
+    kb, _, b = (int(d) for d in wp.shape)
+    rc = te.reduce_axis((0, c), name="k")
+    return te.compute((m, kb * b), lambda i, f: te.sum(data[i, rc] * wp[f // b, rc, f % b], axis=[rc]), name="T_matmul_NN")
+
+
+def _const_f32(e: Any, ndim: int) -> Any | None:
+    """The numpy value of a float32 Relax constant of rank ``ndim``, or None."""
+    import numpy as np
+    import tvm
+
+    if not isinstance(e, tvm.ir.expr.Constant):
+        return None
+    v = e.value.numpy()
+    return v if v.dtype == np.float32 and v.ndim == ndim else None
+
+
+def pack_weights(target: Any) -> Any:
+    """A module pass: conv2d (NHWC/HWIO) and matmul with constant float32 weights read packed weights.
+
+    Which block ``B`` (output channels contiguous per weight row) each op gets is the register
+    tile's channel block of :func:`edgec.schedules.cpu.channel_tile` for the op's output shape
+    on ``target``; ops whose block is all the output channels (``K/B = 1``: packed = HWIO) are
+    left as they are.
+    """
+    import tvm
+    from tvm import relax
+
+    from edgec.schedules.cpu import channel_tile, cpu_params
+    from edgec.schedules.fold import static_shape
+
+    params = cpu_params(target)
+    lanes = params.lanes(32)
+    conv_op = tvm.ir.Op.get("relax.nn.conv2d")
+    matmul_op = tvm.ir.Op.get("relax.matmul")
+
+    def block_for(k: int, w_ext: int, pixels: int, weight_bytes: int) -> int | None:
+        b = channel_tile(k, w_ext, pixels, weight_bytes, lanes, params.registers).block
+        return b if 0 < b < k and k % b == 0 else None
+
+    def f32(e: Any) -> bool:
+        return str(getattr(getattr(e, "ty", None), "dtype", "")) == "float32"
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:  # noqa: N802 (TVM's naming)
+            call = super().visit_call_(call)
+            if call.op == conv_op:
+                return self._conv(call)
+            if call.op == matmul_op:
+                return self._matmul(call)
+            return call
+
+        def _conv(self, call: Any) -> Any:
+            a = call.attrs
+            if (
+                str(a.data_layout) != "NHWC"
+                or str(a.kernel_layout) != "HWIO"
+                or str(a.out_layout) != "NHWC"
+                or (a.out_dtype is not None and str(a.out_dtype) not in ("", "float32", "void"))
+            ):
+                return call
+            data, kernel = call.args
+            w = _const_f32(kernel, 4)
+            shape, out = static_shape(data), static_shape(call)
+            if w is None or shape is None or out is None or len(out) != 4 or not f32(data):
+                return call
+            groups = int(a.groups)
+            k = int(w.shape[3])
+            if k % groups or shape[3] % groups or int(w.shape[2]) * groups != shape[3]:
+                return call
+            b = block_for(k, out[2], out[0] * out[1] * out[2], w.nbytes)
+            if b is None:
+                return call
+            return self.builder_.call_te(
+                conv2d_nhwc_packed,
+                data,
+                relax.const(pack_hwio(w, b)),
+                strides=a.strides,
+                padding=a.padding,
+                dilation=a.dilation,
+                groups=groups,
+                primfunc_name_hint="conv2d_packed",
+            )
+
+        def _matmul(self, call: Any) -> Any:
+            data, weight = call.args
+            w = _const_f32(weight, 2)
+            shape, out = static_shape(data), static_shape(call)
+            if w is None or shape is None or len(shape) != 2 or out is None or not f32(data):
+                return call
+            a = call.attrs
+            if a.out_dtype is not None and str(a.out_dtype) not in ("", "float32", "void"):
+                return call
+            b = block_for(int(w.shape[1]), shape[0], shape[0], w.nbytes)
+            if b is None:
+                return call
+            return self.builder_.call_te(matmul_packed, data, relax.const(pack_matrix(w, b)), primfunc_name_hint="matmul_packed")
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecPackWeights")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        rewriter = None
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter = rewriter or _Rewriter(mod)
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        if rewriter is None:
+            return mod
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+    return _pass
+
+
+def channels_last_passes(target: Any | None = None) -> list[Any]:
     """Relax passes before legalization: BN/bias folding into conv weights (:mod:`edgec.schedules.fold`),
-    clip canonicalization, NHWC/HWIO, weight folding."""
+    clip canonicalization, NHWC/HWIO, weight folding; with a ``target``, weight packing for its
+    register tiles (:func:`pack_weights`)."""
     from tvm import relax
 
     from edgec.schedules.fold import fold_conv_affine
 
-    return [
+    passes = [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
@@ -237,3 +400,6 @@ def channels_last_passes() -> list[Any]:
         relax.transform.FoldConstant(),
         fuse_input_transpose(),
     ]
+    if target is not None:
+        passes.append(pack_weights(target))
+    return passes

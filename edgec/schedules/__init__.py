@@ -32,7 +32,7 @@ def layout_passes(target: Any) -> list[Any]:
     from edgec.schedules.int8 import int8_passes
     from edgec.schedules.layout import channels_last_passes
 
-    return int8_passes(target) + channels_last_passes()
+    return int8_passes(target) + channels_last_passes(target)
 
 
 def default_schedule_pass(target: Any) -> Any | None:

@@ -9,6 +9,7 @@ matching fails here).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -57,14 +58,25 @@ def _act(act: str, src: str, dst: str, inits: list) -> onnx.NodeProto:
     return helper.make_node("Identity", [src], [dst])
 
 
-def _compile(proto: onnx.ModelProto):
+#: x86 targets this host runs: its own (AVX-512 VNNI micro-kernel) and AVX2 without VNNI (the plain
+#: widening kernel, as on ARM cores without the dot-product extension)
+HASWELL = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}
+
+
+def _target(name: str):
+    import tvm
+
+    return _host() if name == "host" else tvm.target.Target(HASWELL)
+
+
+def _compile(proto: onnx.ModelProto, target_name: str = "host"):
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     from edgec.schedules import compile_module
 
-    target = _host()
+    target = _target(target_name)
     mod = from_onnx(proto, keep_params_in_input=False)
     with target:
         rewritten = tvm.transform.Sequential(int8.int8_passes(target))(mod)
@@ -82,12 +94,13 @@ def _output_scale(proto: onnx.ModelProto) -> float | None:
     return None
 
 
-def _check(proto: onnx.ModelProto, shape: tuple[int, ...], rng: np.random.Generator, n_kernels: int, runs: int = 3) -> float:
+def _check(proto: onnx.ModelProto, shape: tuple[int, ...], rng: np.random.Generator, n_kernels: int, runs: int = 3,
+           target: str = "host") -> float:
     """Max |edgec - onnxruntime| in output steps over ``runs`` fresh inputs (float outputs: relative)."""
     import onnxruntime as ort
     import tvm
 
-    vm, kernels = _compile(proto)
+    vm, kernels = _compile(proto, target)
     assert len(kernels) == n_kernels, f"expected {n_kernels} integer kernels, the rewrite made {kernels}"
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     scale = _output_scale(proto)
@@ -114,13 +127,14 @@ CONV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("target", ["host", "haswell"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}to{c[1]}_k{c[2]}s{c[3]}_{c[6]}{'_bias' if c[7] else ''}")
-def test_conv_matches_onnxruntime(case):
+def test_conv_matches_onnxruntime(case, target):
     rng = np.random.default_rng(CONV_CASES.index(case))
     cin, cout, k, stride, pads, hw, act, bias = case
     fp32, shape = _conv_model(cin, cout, k, stride, pads, hw, act, bias, rng)
     q = _quantize(fp32, shape, rng)
-    assert _check(q, shape, rng, n_kernels=1) <= 1.0
+    assert _check(q, shape, rng, n_kernels=1, target=target) <= 1.0
 
 
 def test_dilated_conv_matches_onnxruntime():
@@ -155,13 +169,14 @@ def _residual_model(rng: np.random.Generator) -> tuple[onnx.ModelProto, tuple[in
     return make_model(nodes, [("x", shape)], [("y", (1, 10))], inits), shape
 
 
-def test_residual_block_with_float_depthwise_and_gemm():
+@pytest.mark.parametrize("target", ["host", "haswell"])
+def test_residual_block_with_float_depthwise_and_gemm(target):
     """Integer 1x1 convs and Gemm, float depthwise, residual add / maxpool / GAP in NHWC."""
     rng = np.random.default_rng(3)
     fp32, shape = _residual_model(rng)
     q = _quantize(fp32, shape, rng)
     # the Gemm's output is float (relative error); its int32 result and bias are exact
-    assert _check(q, shape, rng, n_kernels=3) <= 1e-2
+    assert _check(q, shape, rng, n_kernels=3, target=target) <= 1e-2
 
 
 def _dense_model(rng: np.random.Generator, matmul: bool, act: str, m: int = 1) -> tuple[onnx.ModelProto, tuple[int, ...]]:
@@ -229,45 +244,85 @@ KERNEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("conv", KERNEL_CASES, ids=lambda c: f"{c.height}x{c.width}x{c.in_channels}to{c.out_channels}_k{c.kernel[0]}_{c.out_dtype}")
-def test_kernel_exact_integer_arithmetic(conv):
-    """The scheduled kernel (tensorized vpdpbusd, padding, epilogue) against an int64 numpy reference."""
-    import tvm
+#: micro-kernels this host runs: its own (AVX-512 VNNI), the plain widening kernel of an AVX2 core
+#: (as on ARM cores without the dot-product extension), and variants with the fixed-point epilogue
+#: and with signed (x - 128) activations, which is the arithmetic of the ARM micro-kernels
+HOST_MICRO = {
+    "vnni": ("host", int8.VNNI),
+    "vnni-fixed": ("host", dataclasses.replace(int8.VNNI, fixed_point=True)),
+    "generic256": ("haswell", int8.generic_kernel(256, 16)),
+    "generic256-signed-fixed": ("haswell", dataclasses.replace(int8.generic_kernel(256, 16, fixed_point=True), act_dtype="int8")),
+}
 
-    tile = int8.choose_tile(conv)
-    lib = tvm.compile(tvm.IRModule({"main": int8.conv_primfunc(conv, tile)}), target=_host())
-    rng = np.random.default_rng(conv.in_channels)
+
+def kernel_inputs(conv: int8.QConv, tile: int8.Tile, rng: np.random.Generator):
+    """``(conv with the micro-kernel's epilogue, kernel arguments, reference output)``: random
+    uint8 input, int8 weights, int32 bias, per-channel scales; the reference is int64 numpy."""
     x = rng.integers(0, 256, (1, conv.height, conv.width, conv.in_channels)).astype(np.uint8)
-    w = rng.integers(-127, 128, (conv.out_channels, conv.in_channels) + conv.kernel).astype(np.int8)
+    w = rng.integers(-128, 128, (conv.out_channels, conv.in_channels) + conv.kernel).astype(np.int8)
     bq = rng.integers(-5000, 5000, conv.out_channels).astype(np.int32)
     sw = rng.random(conv.out_channels) * 0.01 + 1e-3
     sy = 0.5 if conv.out_dtype == "uint8" else None
-    rq = int8.requant_constants(w, sw, 0.02, conv.x_zero_point, None, bq, 0.02 * sw, sy, tile)
+    if sy is not None and tile.micro.fixed_point:
+        conv = dataclasses.replace(conv, shift=int8.requant_shift(0.02 * sw / sy))
+        assert conv.shift > 0
+    rq = int8.requant_constants(w, sw, 0.02, conv.x_zero_point, None, bq, 0.02 * sw, sy, tile, conv.shift)
     oh, ow = conv.out_hw
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in (x, int8.pack_weight(w, tile), rq.ib, rq.m, rq.fb)]
-    out = tvm.runtime.tensor(np.zeros((1, oh, ow, conv.out_channels), conv.out_dtype), dev)
-    lib(*args, out)
+    args = [x, int8.pack_weight(w, tile), rq.ib, rq.m, rq.fb, np.zeros((1, oh, ow, conv.out_channels), conv.out_dtype)]
     acc = _exact_conv(x, w, conv) - conv.x_zero_point * w.reshape(conv.out_channels, -1).astype(np.int64).sum(1) + bq
     f = acc * (0.02 * sw)
-    if sy is not None:
-        ref = np.clip(np.round(f / sy) + conv.out_zero_point, conv.lo, conv.hi)
-        diff = np.abs(out.numpy().astype(np.int64) - ref)
-        assert diff.max() <= 1  # float32 epilogue vs float64 reference: ties may round apart
+    ref = np.clip(np.round(f / sy) + conv.out_zero_point, conv.lo, conv.hi) if sy is not None else np.clip(f, conv.lo, conv.hi)
+    return conv, args, ref
+
+
+def check_kernel_output(conv: int8.QConv, got: np.ndarray, ref: np.ndarray) -> None:
+    if conv.out_dtype == "uint8":
+        diff = np.abs(got.astype(np.int64) - ref)
+        assert diff.max() <= 1  # float32 / fixed-point epilogue vs float64 reference: ties may round apart
         assert (diff > 0).mean() < 0.01
     else:
-        ref = np.clip(f, conv.lo, conv.hi)
-        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
 
 
-def test_tiles_fit_registers_and_cover_the_output():
+def run_kernel(conv: int8.QConv, tile: int8.Tile, run, rng: np.random.Generator) -> None:
+    """Check one compiled kernel against the int64 numpy reference; ``run(conv, args) -> out``."""
+    conv, args, ref = kernel_inputs(conv, tile, rng)
+    got = run(conv, args)
+    check_kernel_output(conv, got, ref)
+
+
+@pytest.mark.parametrize("micro", list(HOST_MICRO))
+@pytest.mark.parametrize("conv", KERNEL_CASES, ids=lambda c: f"{c.height}x{c.width}x{c.in_channels}to{c.out_channels}_k{c.kernel[0]}_{c.out_dtype}")
+def test_kernel_exact_integer_arithmetic(conv, micro):
+    """The scheduled kernel (tensorized vpdpbusd or the plain widening kernel, padding, signed
+    activations, float or fixed-point epilogue) against an int64 numpy reference."""
+    import tvm
+
+    target_name, mk = HOST_MICRO[micro]
+    tgt = _target(target_name)
+    tile = int8.choose_tile(conv, mk)
+    dev = tvm.cpu()
+
+    def run(conv, args):
+        lib = tvm.compile(tvm.IRModule({"main": int8.conv_primfunc(conv, tile)}), target=tgt)
+        t = [tvm.runtime.tensor(a, dev) for a in args]
+        lib(*t)
+        return t[-1].numpy()
+
+    run_kernel(conv, tile, run, np.random.default_rng(conv.in_channels))
+
+
+@pytest.mark.parametrize("micro", [int8.VNNI, int8.SDOT, int8.generic_kernel(128, 32), int8.generic_kernel(256, 16)],
+                         ids=lambda m: m.name)
+def test_tiles_fit_registers_and_cover_the_output(micro):
     for ow in (1, 3, 7, 9, 14, 28, 36, 56, 72, 112):
         for k in (8, 16, 24, 40, 64, 96, 160, 1000):
             conv = int8.QConv(ow, ow, 16, k)
-            t = int8.choose_tile(conv)
-            assert t.tw * t.tc + t.tc + 1 <= int8.REGISTER_BUDGET < int8.REGISTERS
+            t = int8.choose_tile(conv, micro)
+            assert t.micro == micro
+            assert t.tw * t.tc + t.tc + 1 <= micro.budget < micro.registers
             assert t.out_width % t.tw == 0 and t.out_width >= ow and t.out_width - ow < t.tw
-            assert t.k_blocks % t.tc == 0 and t.k_blocks * int8.LANES >= k
+            assert t.k_blocks % t.tc == 0 and t.k_blocks * micro.lanes >= k
 
 
 def test_pack_weight_layout():
@@ -275,24 +330,46 @@ def test_pack_weight_layout():
     w = rng.integers(-127, 128, (21, 6, 3, 3)).astype(np.int8)
     tile = int8.Tile(tw=4, tc=2, out_width=8, k_blocks=2, channels_outside=False)
     p = int8.pack_weight(w, tile)
-    assert p.shape == (2, 3, 3, 2, 16, 4)
+    assert p.shape == (2, 3, 3, 2, 16, 4) and p.dtype == np.int8
     for o, c, i, j in [(0, 0, 0, 0), (20, 5, 2, 1), (17, 3, 1, 2)]:
         assert p[o // 16, i, j, c // 4, o % 16, c % 4] == w[o, c, i, j]
     assert not p[1, :, :, :, 5:].any()  # output channels 21..31 are zero
     assert not p[:, :, :, 1, :, 2:].any()  # input channels 6, 7 are zero
+    # sdot: 4 lanes x 4 taps; the plain kernel: int16, 4 lanes x 1 tap
+    p = int8.pack_weight(w, int8.Tile(4, 2, 8, 6, False, int8.SDOT))
+    assert p.shape == (6, 3, 3, 2, 4, 4) and p[20 // 4, 2, 1, 5 // 4, 20 % 4, 5 % 4] == w[20, 5, 2, 1] and not p[5, :, :, :, 1:].any()
+    g = int8.generic_kernel(128, 32)
+    p = int8.pack_weight(w, int8.Tile(4, 2, 8, 6, False, g))
+    assert p.shape == (6, 3, 3, 6, 4, 1) and p.dtype == np.int16 and p[20 // 4, 2, 1, 5, 0, 0] == w[20, 5, 2, 1]
 
 
-def test_targets_without_vnni_keep_the_float_path():
+def test_micro_kernel_chosen_from_target_features():
     import tvm
 
-    assert int8.int8_passes(_host()) != []  # this host has AVX-512 VNNI
-    for cfg in (
-        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
-        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"},
-        {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"},
-    ):
-        assert int8.int8_passes(tvm.target.Target(cfg)) == []
-    assert int8.has_vnni(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"}))
+    from edgec.targets import get_target
+
+    assert int8.micro_kernel(_host()) == int8.VNNI  # this host has AVX-512 VNNI
+    x86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+    assert int8.micro_kernel(tvm.target.Target({**x86, "mcpu": "cascadelake"})) == int8.VNNI
+    assert int8.micro_kernel(tvm.target.Target({**x86, "mcpu": "haswell"})) == int8.generic_kernel(256, 16)
+    assert int8.micro_kernel(tvm.target.Target({**x86, "mcpu": "skylake-avx512"})) == int8.generic_kernel(512, 32)
+    for name, want in (("cortex-a76", int8.SDOT), ("cortex-a72", int8.generic_kernel(128, 32, fixed_point=True)),
+                       ("cortex-a53", int8.generic_kernel(128, 32, fixed_point=True)),
+                       ("arm64", int8.generic_kernel(128, 32, fixed_point=True))):
+        assert int8.micro_kernel(get_target(name).tvm_target()) == want, name
+    assert int8.micro_kernel(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55"})) == int8.SDOT
+    assert int8.micro_kernel(tvm.target.Target({"kind": "cuda"})) is None
+    assert int8.int8_passes(tvm.target.Target({"kind": "cuda"})) == []
+    assert int8.has_vnni(_host()) and not int8.has_vnni(tvm.target.Target({**x86, "mcpu": "haswell"}))
+
+
+def test_requant_shift():
+    assert int8.requant_shift([0.3, 0.001]) == 31  # 0.3 < 2^-1: M(0.3) = 0.3 * 2^31 in [2^29, 2^30]
+    assert 2**29 <= 0.3 * 2**31 <= 2**30
+    assert int8.requant_shift([0.999]) == 30
+    assert int8.requant_shift([1.0]) == 0 and int8.requant_shift([2.5]) == 0  # >= 1: float epilogue
+    assert int8.requant_shift([1e-9]) == 0  # shift 59 > 50
+    assert int8.requant_shift([0.0, 0.5]) == 0
 
 
 def test_int8_activations_and_float_models_are_left_alone():

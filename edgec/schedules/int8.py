@@ -1,4 +1,5 @@
-"""Integer int8 kernels for QDQ models on x86 AVX-512 VNNI (issue 7, int8 part).
+"""Integer int8 kernels for QDQ models on CPUs: x86 AVX-512 VNNI, ARM64 dot product, plain SIMD
+(issue 7, int8 part).
 
 TVM's ONNX frontend imports a QDQ layer as float arithmetic around ``quantize``/``dequantize``:
 
@@ -60,8 +61,31 @@ grouped QDQ convs stay float, re-emitted NHWC/HWIO, as edgec's fp32 channels-las
 A consumer with no NHWC form reads a transpose back to NCHW; a kernel input with no NHWC form
 (the stem) transposes the uint8 tensor.  Unused NCHW values are removed.
 
-The rewrite applies only where the target has AVX-512 VNNI (``avx512vnni``); elsewhere the QDQ
-graph keeps TVM's float lowering.  int8 (signed) activations are left to the float path.
+Micro-kernels (:class:`MicroKernel`, chosen by :func:`micro_kernel` from the target's CPU
+features; the kernel above, the layout and the rewrite are shared, only the innermost step, the
+packing and the epilogue differ):
+
+- ``VNNI`` (``avx512vnni``): ``vpdpbusd``, 16 lanes x 4 taps, u8 x s8, float epilogue.
+- ``SDOT`` (AArch64 ``dotprod``: Cortex-A55/A76/...): ``sdot``, 4 lanes x 4 taps, s8 x s8.  The
+  activations enter as ``x_s = x_q - 128`` (the padding pass flips them; padded taps get
+  ``z_x - 128``), so ``sum_t (x_q - z_x) W = sum_t x_s W + (128 - z_x) sum_t W``: the correction
+  ``ib[o] = (128 - z_x) * sum_t W_q[o, t]`` absorbs the shift.
+- ``generic<bits>`` (any other CPU: Cortex-A72/A53, AVX2): no dot-product instruction; weights
+  packed as int16 ``[K/L, KH, KW, C, L, 1]`` (``L`` = int32 lanes of one vector register), one tap
+  per step, ``acc[L] += int32(int16(x)) * int32(W16[L])`` vectorized over the lanes, which LLVM
+  emits as ``smlal v.4s, w.4h, x.h[0]`` on NEON (1 load + 1 instruction per 4 MACs) and
+  ``vpmulld``/``vpaddd`` on AVX2.
+
+Fixed-point epilogue (the ARM micro-kernels, ``QConv.shift > 0``): the float multiply-round of the
+uint8 output becomes ``q = ((acc + ib) * M + (z_y << S) + 2^(S-1)) >> S`` in int64 with
+``M[o] = round(m[o] 2^S)`` (int32, 30 significant bits, :func:`requant_shift`) and a float bias
+rounded into ``ib`` in accumulator units (``round(b / (s_x s_w))``, at most half a unit, i.e.
+``m/2`` output steps).  It rounds half up where the float epilogue rounds half away from zero;
+both stay within one output step of onnxruntime.  On the emulated Cortex-A72/A76 (qemu runs
+float SIMD through softfloat helpers) it halves a 1x1 conv's time; on x86 (Zen 4) the int64
+multiply makes it 5-20 % slower than the float epilogue, so VNNI keeps the float one.
+
+The rewrite applies to every CPU target; int8 (signed) activations are left to the float path.
 """
 
 from __future__ import annotations
@@ -76,75 +100,167 @@ from edgec.schedules.fold import static_shape
 #: calls ``llvm.x86.avx512.vpdpbusd.512`` with i32 vectors, which the bundled LLVM rejects: the
 #: intrinsic takes ``<64 x i8>`` operands).
 VNNI_INTRIN = "edgec_dot_16x4_u8i8i32_vnni"
+#: name of edgec's 4x4 s8 x s8 -> s32 ARM dot-product (``sdot``) tensor intrinsic
+SDOT_INTRIN = "edgec_dot_4x4_i8i8i32_sdot"
 
-LANES = 16  # int32 lanes of one zmm accumulator
-GROUP = 4  # uint8 taps per int32 lane (one vpdpbusd)
-REGISTERS = 32  # zmm registers
-#: live zmm registers the micro-kernel may use: ``tw*tc`` accumulators + ``tc`` weight vectors + 1
-#: broadcast input (LLVM folds the broadcast into vpdpbusd for Sapphire Rapids, not for Zen 4),
-#: with 3 left for LLVM.  Measured on Zen 4 (znver4): the 7x4 tile (33 registers) spills its
-#: accumulators and runs 2.4x slower than 6x4 / 7x2.
-REGISTER_BUDGET = 29
 MAX_TW = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroKernel:
+    """The instruction-level strategy of the integer kernel on one target family.
+
+    One accumulator vector holds ``lanes`` int32 output channels; one step of the micro-kernel
+    adds ``group`` consecutive input channels (taps) to each lane: with a tensor intrinsic
+    (``intrin``: VNNI ``vpdpbusd``, ARM ``sdot``) for ``group == 4``, or as a plain widening
+    multiply-accumulate that LLVM vectorizes over the lanes (``intrin is None``, ``group == 1``,
+    int16 weights: ``smlal`` on NEON, ``vpmulld``/``vpaddd`` on AVX2).  ``act_dtype`` ``"int8"``:
+    activations enter the kernel as ``x_u8 - 128`` (the sign flip happens in the kernel's padding
+    pass; the zero-point correction absorbs the 128).  ``registers``: vector registers of the ISA;
+    the register tile leaves 3 of them to LLVM.
+    """
+
+    name: str
+    lanes: int
+    group: int
+    registers: int
+    act_dtype: str = "uint8"
+    weight_dtype: str = "int8"
+    intrin: str | None = None
+    channel_tiles: tuple[int, ...] = (4, 3, 2, 1)
+    fixed_point: bool = False  # requantize with an integer multiplier and shift (see requant_shift)
+
+    @property
+    def act_shift(self) -> int:
+        """What the kernel subtracts from the uint8 activations (128 for signed dot products)."""
+        return 128 if self.act_dtype == "int8" else 0
+
+    @property
+    def budget(self) -> int:
+        """Live vector registers a register tile may use (``tw*tc`` accumulators, ``tc`` weight
+        vectors, 1 broadcast input)."""
+        return self.registers - 3
+
+
+#: x86 AVX-512 VNNI: ``vpdpbusd`` u8 x s8, 16 lanes x 4 taps, 32 zmm.  Measured on Zen 4: the 7x4
+#: tile (33 registers) spills its accumulators and runs 2.4x slower than 6x4 / 7x2.
+VNNI = MicroKernel("vnni", lanes=16, group=4, registers=32, intrin=VNNI_INTRIN)
+#: AArch64 with the dot-product extension (Cortex-A55/A76/...): ``sdot`` s8 x s8, 4 lanes x 4 taps,
+#: 32 q registers.
+SDOT = MicroKernel("sdot", lanes=4, group=4, registers=32, act_dtype="int8", intrin=SDOT_INTRIN,
+                   channel_tiles=(6, 5, 4, 3, 2, 1), fixed_point=True)
+
+
+def generic_kernel(vector_bits: int, registers: int, fixed_point: bool = False) -> MicroKernel:
+    """The plain widening kernel for a ``vector_bits`` SIMD unit with ``registers`` registers."""
+    lanes = max(4, vector_bits // 32)
+    tiles = (6, 5, 4, 3, 2, 1) if lanes <= 4 else (4, 3, 2, 1)
+    return MicroKernel(f"generic{vector_bits}", lanes=lanes, group=1, registers=registers, weight_dtype="int16",
+                       channel_tiles=tiles, fixed_point=fixed_point)
+
+
+def _has(target: Any, feature: str) -> bool:
+    from tvm.target import codegen
+
+    try:
+        return bool(codegen.llvm_cpu_has_features([feature], target))
+    except Exception:  # noqa: BLE001 - a CPU llvm does not know has none of them
+        return False
+
+
+def micro_kernel(target: Any) -> MicroKernel | None:
+    """The integer micro-kernel for an llvm ``target``, chosen from its CPU features, or None
+    (not a CPU target)."""
+    if target is None or target.kind.name != "llvm":
+        return None
+    if _has(target, "avx512vnni"):
+        return VNNI
+    triple = str(target.attrs.get("mtriple", "")) if "mtriple" in target.attrs else ""
+    if triple.startswith("aarch64") or _has(target, "neon"):
+        return SDOT if _has(target, "dotprod") else generic_kernel(128, 32, fixed_point=True)
+    if _has(target, "avx512f"):
+        return generic_kernel(512, 32)
+    if _has(target, "avx2"):
+        return generic_kernel(256, 16)
+    return generic_kernel(128, 16)
 
 
 def has_vnni(target: Any) -> bool:
     """Whether an llvm ``target`` has AVX-512 VNNI (``vpdpbusd``)."""
-    if target is None or target.kind.name != "llvm":
-        return False
-    from tvm.target import codegen
-
-    try:
-        return bool(codegen.llvm_cpu_has_features(["avx512vnni"], target))
-    except Exception:  # noqa: BLE001 - a CPU llvm does not know has no VNNI
-        return False
+    return micro_kernel(target) == VNNI
 
 
-def register_intrinsics() -> str:
-    """Register the VNNI tensor intrinsic with TVM (once per process); returns its name."""
+def register_intrinsics(micro: MicroKernel = VNNI) -> str | None:
+    """Register ``micro``'s tensor intrinsic with TVM (once per process); returns its name."""
     from tvm.s_tir import TensorIntrin
 
-    if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is not None:
-        return VNNI_INTRIN
+    name = micro.intrin
+    if name is None or TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
     # (importing tvm.s_tir.tensor_intrin would parse every target's intrinsics: ~50 s here)
     from tvm.script import tirx as T
 
+    lanes, group, act = micro.lanes, micro.group, micro.act_dtype
+
     @T.prim_func(s_tir=True)
     def desc(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1),
+        A: T.Buffer((group,), act, offset_factor=1),
+        B: T.Buffer((lanes, group), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 4):
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, group):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
-    @T.prim_func(s_tir=True)
-    def impl(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            a_u8 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"),
-                a_u8,
-                B.vload([0, 0], dtype="int8x64"),
-                dtype="int32x16",
-            )
+    if name == VNNI_INTRIN:
 
-    TensorIntrin.register(VNNI_INTRIN, desc, impl, override=True)
-    return VNNI_INTRIN
+        @T.prim_func(s_tir=True)
+        def impl(
+            A: T.Buffer((4,), "uint8", offset_factor=1),
+            B: T.Buffer((16, 4), "int8", offset_factor=1),
+            C: T.Buffer((16,), "int32", offset_factor=1),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+                T.writes(C[0:16])
+                a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+                a_u8 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+                C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                    C.vload([0], dtype="int32x16"),
+                    a_u8,
+                    B.vload([0, 0], dtype="int8x64"),
+                    dtype="int32x16",
+                )
+
+    else:  # SDOT_INTRIN: C[i] += sum_k A[k] B[i, k], A broadcast to the 4 lanes
+
+        @T.prim_func(s_tir=True)
+        def impl(
+            A: T.Buffer((4,), "int8", offset_factor=1),
+            B: T.Buffer((4, 4), "int8", offset_factor=1),
+            C: T.Buffer((4,), "int32", offset_factor=1),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+                T.writes(C[0:4])
+                a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+                a_s8 = T.reinterpret(T.broadcast(a_i32, 4), dtype="int8x16")
+                C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                    C.vload([0], dtype="int32x4"),
+                    B.vload([0, 0], dtype="int8x16"),
+                    a_s8,
+                    dtype="int32x4",
+                )
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    return name
 
 
 # --- one integer layer -------------------------------------------------------------------------
@@ -155,7 +271,9 @@ class QConv:
     """Geometry and requantization of one integer conv (a dense layer is a 1 x M image, 1x1 kernel).
 
     ``out_dtype`` ``"uint8"``: ``clamp(round(f) + out_zero_point, lo, hi)``; ``"float32"``:
-    ``clamp(f, lo, hi)`` (``lo``/``hi`` may be infinite).
+    ``clamp(f, lo, hi)`` (``lo``/``hi`` may be infinite).  ``shift > 0`` (uint8 output only):
+    the fixed-point epilogue ``clamp(((acc + ib) * M + (z_y << shift) + (1 << (shift - 1))) >> shift,
+    lo, hi)`` with int32 multipliers ``M`` (see :func:`requant_shift`).
     """
 
     height: int
@@ -171,6 +289,7 @@ class QConv:
     out_zero_point: int = 0
     lo: float = 0.0
     hi: float = 255.0
+    shift: int = 0
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -180,46 +299,49 @@ class QConv:
         ow = (self.width + pl + pr - (kw - 1) * dw - 1) // sw + 1
         return oh, ow
 
-    @property
-    def c_groups(self) -> int:
-        return -(-self.in_channels // GROUP)
+    def c_groups(self, micro: MicroKernel = VNNI) -> int:
+        """Input channel groups of ``micro.group`` taps (the last one padded)."""
+        return -(-self.in_channels // micro.group)
 
-    @property
-    def k_blocks(self) -> int:
-        return -(-self.out_channels // LANES)
+    def k_blocks(self, micro: MicroKernel = VNNI) -> int:
+        """Output channel blocks of ``micro.lanes`` lanes (the last one padded)."""
+        return -(-self.out_channels // micro.lanes)
 
 
 @dataclasses.dataclass(frozen=True)
 class Tile:
-    """Register tile: ``tw`` output pixels x ``tc`` blocks of 16 channels; padded extents."""
+    """Register tile: ``tw`` output pixels x ``tc`` blocks of ``micro.lanes`` channels; padded
+    extents; the micro-kernel it is made of."""
 
     tw: int
     tc: int
     out_width: int  # output row padded to a multiple of tw
     k_blocks: int  # channel blocks padded to a multiple of tc
     channels_outside: bool  # channel tiles are the outer parallel loop (large weights)
+    micro: MicroKernel = VNNI
 
 
-def choose_tile(conv: QConv) -> Tile:
+def choose_tile(conv: QConv, micro: MicroKernel = VNNI) -> Tile:
     """The tile maximizing ``tw*tc / (tw + tc)`` (dot products per operand load) times the useful
-    fraction of the padded row and channel blocks, with ``tw*tc + tc + 1 <= REGISTER_BUDGET``."""
+    fraction of the padded row and channel blocks, with ``tw*tc + tc + 1 <= micro.budget``."""
     _, ow = conv.out_hw
-    ko = conv.k_blocks
+    ko = conv.k_blocks(micro)
     best: tuple[float, Tile] | None = None
-    for tc in (4, 3, 2, 1):
+    for tc in micro.channel_tiles:
         kop = -(-ko // tc) * tc
         for tw in range(1, MAX_TW + 1):
-            if tw * tc + tc + 1 > REGISTER_BUDGET:
+            if tw * tc + tc + 1 > micro.budget:
                 continue
             owp = -(-ow // tw) * tw
             score = (tw * tc / (tw + tc)) * (ow / owp) * (ko / kop)
             if best is None or score > best[0] + 1e-9:
-                best = (score, Tile(tw, tc, owp, kop, False))
+                best = (score, Tile(tw, tc, owp, kop, False, micro))
     assert best is not None
     tile = best[1]
     oh, _ = conv.out_hw
-    weight_bytes = conv.k_blocks * LANES * conv.kernel[0] * conv.kernel[1] * conv.c_groups * GROUP
-    data_bytes = conv.height * conv.width * conv.c_groups * GROUP
+    cg = conv.c_groups(micro) * micro.group
+    weight_bytes = ko * micro.lanes * conv.kernel[0] * conv.kernel[1] * cg
+    data_bytes = conv.height * conv.width * cg
     n_pixel_tiles = oh * (tile.out_width // tile.tw)
     n_channel_tiles = tile.k_blocks // tile.tc
     outside = n_channel_tiles > 1 and n_channel_tiles * data_bytes + weight_bytes < n_pixel_tiles * weight_bytes + data_bytes
@@ -227,76 +349,103 @@ def choose_tile(conv: QConv) -> Tile:
 
 
 def pack_weight(w_q: Any, tile: Tile) -> Any:
-    """int8 ``[K, C, KH, KW]`` -> ``[Ko, KH, KW, C4/4, 16, 4]`` with zero padding (numpy)."""
+    """int8 ``[K, C, KH, KW]`` -> ``[Ko, KH, KW, Cg, lanes, group]`` with zero padding (numpy),
+    of the micro-kernel's weight dtype."""
     import numpy as np
 
+    lanes, group = tile.micro.lanes, tile.micro.group
     k, c, kh, kw = w_q.shape
-    c4 = -(-c // GROUP)
-    full = np.zeros((tile.k_blocks * LANES, c4 * GROUP, kh, kw), np.int8)
+    cg = -(-c // group)
+    full = np.zeros((tile.k_blocks * lanes, cg * group, kh, kw), tile.micro.weight_dtype)
     full[:k, :c] = w_q
-    return np.ascontiguousarray(full.reshape(tile.k_blocks, LANES, c4, GROUP, kh, kw).transpose(0, 4, 5, 2, 1, 3))
+    return np.ascontiguousarray(full.reshape(tile.k_blocks, lanes, cg, group, kh, kw).transpose(0, 4, 5, 2, 1, 3))
 
 
 def needs_pad(conv: QConv, tile: Tile) -> bool:
+    """Whether the kernel copies its input first (spatial or channel padding, a signed input)."""
     oh, _ = conv.out_hw
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel, conv.strides, conv.dilation
     hp = (oh - 1) * sh + (kh - 1) * dh + 1
     wp = (tile.out_width - 1) * sw + (kw - 1) * dw + 1
     pt, pl, _, _ = conv.padding
-    return pt > 0 or pl > 0 or hp > conv.height or wp > conv.width or conv.in_channels % GROUP != 0
+    return (pt > 0 or pl > 0 or hp > conv.height or wp > conv.width or conv.in_channels % tile.micro.group != 0
+            or tile.micro.act_shift != 0)
+
+
+def _widen(v: Any, micro: MicroKernel) -> Any:
+    """``v`` as int32; through int16 for the plain kernel (so LLVM sees a 16 x 16 -> 32 bit
+    multiply-accumulate: ``smlal`` on NEON)."""
+    if micro.intrin is None and str(v.dtype) != "int16":
+        v = v.astype("int16")
+    return v.astype("int32")
 
 
 def conv_primfunc(conv: QConv, tile: Tile) -> Any:
     """The scheduled integer kernel ``(X[1,H,W,C] u8, Wp, ib[K'] i32, m[K'] f32, fb[K'] f32) -> Y``.
 
-    ``Y`` is ``[1, OH, OW, K]`` of ``conv.out_dtype``; ``K' = tile.k_blocks * 16``.
+    ``Y`` is ``[1, OH, OW, K]`` of ``conv.out_dtype``; ``K' = tile.k_blocks * lanes``.
     """
     from tvm import s_tir, te, tirx
 
-    intrin = register_intrinsics()
+    micro = tile.micro
+    lanes, group = micro.lanes, micro.group
+    intrin = register_intrinsics(micro)
     oh, ow = conv.out_hw
     owp = tile.out_width
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel, conv.strides, conv.dilation
     pt, pl, _, _ = conv.padding
-    c4 = conv.c_groups
-    kp = tile.k_blocks * LANES
+    cg = conv.c_groups(micro)
+    kp = tile.k_blocks * lanes
     hp = (oh - 1) * sh + (kh - 1) * dh + 1
     wp = (owp - 1) * sw + (kw - 1) * dw + 1
     h, w, c = conv.height, conv.width, conv.in_channels
 
     x = te.placeholder((1, h, w, c), "uint8", name="X")
-    wpk = te.placeholder((tile.k_blocks, kh, kw, c4, LANES, GROUP), "int8", name="W")
+    wpk = te.placeholder((tile.k_blocks, kh, kw, cg, lanes, group), micro.weight_dtype, name="W")
     ib = te.placeholder((kp,), "int32", name="ib")
-    m = te.placeholder((kp,), "float32", name="m")
+    m = te.placeholder((kp,), "int32" if conv.shift else "float32", name="m")
     fb = te.placeholder((kp,), "float32", name="fb")
     pad = needs_pad(conv, tile)
     if pad:
-        zx = tirx.const(conv.x_zero_point, "uint8")
+        shift = micro.act_shift
+
+        def shifted(v: Any) -> Any:
+            if shift == 0:
+                return v
+            return (v.astype("int16") - tirx.const(shift, "int16")).astype(micro.act_dtype)
+
+        zx = tirx.const(conv.x_zero_point - shift, micro.act_dtype)
 
         def padded(n: Any, i: Any, j: Any, k: Any) -> Any:
             inside = tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl, k < c)
-            return tirx.if_then_else(
-                inside, x[n, tirx.max(tirx.min(i - pt, h - 1), 0), tirx.max(tirx.min(j - pl, w - 1), 0), tirx.min(k, c - 1)], zx
-            )
+            v = x[n, tirx.max(tirx.min(i - pt, h - 1), 0), tirx.max(tirx.min(j - pl, w - 1), 0), tirx.min(k, c - 1)]
+            return tirx.if_then_else(inside, shifted(v), zx)
 
-        xp = te.compute((1, hp, wp, c4 * GROUP), padded, name="pad")
+        xp = te.compute((1, hp, wp, cg * group), padded, name="pad")
     else:
         xp = x
     rh = te.reduce_axis((0, kh), "rh")
     rw = te.reduce_axis((0, kw), "rw")
-    rc = te.reduce_axis((0, c4), "rc")
-    ri = te.reduce_axis((0, GROUP), "ri")
+    rc = te.reduce_axis((0, cg), "rc")
+    ri = te.reduce_axis((0, group), "ri")
     acc = te.compute(
         (1, oh, owp, kp),
         lambda n, i, j, k: te.sum(
-            xp[n, i * sh + rh * dh, j * sw + rw * dw, rc * GROUP + ri].astype("int32")
-            * wpk[k // LANES, rh, rw, rc, k % LANES, ri].astype("int32"),
+            _widen(xp[n, i * sh + rh * dh, j * sw + rw * dw, rc * group + ri], micro)
+            * _widen(wpk[k // lanes, rh, rw, rc, k % lanes, ri], micro),
             axis=[rh, rw, rc, ri],
         ),
         name="acc",
     )
 
     def epilogue(n: Any, i: Any, j: Any, k: Any) -> Any:
+        if conv.shift:
+            sft = conv.shift
+            t = (acc[n, i, j, k] + ib[k]).astype("int64") * m[k].astype("int64") + tirx.const(
+                (conv.out_zero_point << sft) + (1 << (sft - 1)), "int64")
+            q = tirx.shift_right(t, tirx.const(sft, "int64")).astype("int32")
+            q = tirx.max(tirx.min(q, tirx.const(int(conv.hi), "int32")), tirx.const(int(conv.lo), "int32"))
+            return q.astype(conv.out_dtype)
         f = (acc[n, i, j, k] + ib[k]).astype("float32") * m[k] + fb[k]
         if conv.out_dtype == "uint8":
             f = tirx.round(f) + tirx.const(float(conv.out_zero_point), "float32")
@@ -312,21 +461,25 @@ def conv_primfunc(conv: QConv, tile: Tile) -> Any:
     block = sch.get_sblock("acc")
     n, i, j, k, r_h, r_w, r_c, r_i = sch.get_loops(block)
     j_o, j_i = sch.split(j, [None, tile.tw])
-    k_o, k_m, k_i = sch.split(k, [None, tile.tc, LANES])
+    k_o, k_m, k_i = sch.split(k, [None, tile.tc, lanes])
+    inner = [r_c, j_i, k_m, k_i, r_i] if intrin is not None else [r_c, r_i, j_i, k_m, k_i]
     if tile.channels_outside:
-        sch.reorder(k_o, n, i, j_o, r_h, r_w, r_c, j_i, k_m, k_i, r_i)
+        sch.reorder(k_o, n, i, j_o, r_h, r_w, *inner)
         fused = sch.fuse(k_o, n, i, j_o)
     else:
-        sch.reorder(n, i, j_o, k_o, r_h, r_w, r_c, j_i, k_m, k_i, r_i)
+        sch.reorder(n, i, j_o, k_o, r_h, r_w, *inner)
         fused = sch.fuse(n, i, j_o, k_o)
     sch.parallel(fused)
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, fused)
+    if intrin is None:
+        sch.vectorize(k_i)  # (before decompose_reduction: the update block alone is not vectorizable)
     init = sch.decompose_reduction(block, r_h)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(j_i)
     sch.unroll(k_m)
-    sch.tensorize(k_i, intrin)
+    if intrin is not None:
+        sch.tensorize(k_i, intrin)
     sch.set_scope(init, 0, "local")
     # every access to the accumulator tile must have constant indices, so that LLVM keeps it in
     # registers across the reduction loop: the init and epilogue loops are unrolled too
@@ -337,14 +490,14 @@ def conv_primfunc(conv: QConv, tile: Tile) -> Any:
     for lp in below_fused(init)[:-1]:
         sch.unroll(lp)
     own = below_fused(out)
-    inner = own[-1]
-    ext = sch.get(inner).extent
-    if isinstance(ext, tirx.IntImm) and int(ext.value) % LANES == 0:
-        outer_k, lanes = sch.split(inner, [None, LANES])
-        if conv.out_channels % (LANES * tile.tc) == 0:
-            sch.vectorize(lanes)
+    inner_lp = own[-1]
+    ext = sch.get(inner_lp).extent
+    if isinstance(ext, tirx.IntImm) and int(ext.value) % lanes == 0:
+        outer_k, lane_lp = sch.split(inner_lp, [None, lanes])
+        if conv.out_channels % (lanes * tile.tc) == 0:
+            sch.vectorize(lane_lp)
         else:  # the last channel tile is partial: a predicated block, unrolled scalar stores
-            sch.unroll(lanes)
+            sch.unroll(lane_lp)
         for lp in own[:-1] + [outer_k]:
             sch.unroll(lp)
     if pad:
@@ -356,7 +509,7 @@ def conv_primfunc(conv: QConv, tile: Tile) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Requant:
-    """Per-output-channel constants of the epilogue (numpy, padded to ``tile.k_blocks * 16``)."""
+    """Per-output-channel constants of the epilogue (numpy, padded to ``tile.k_blocks * lanes``)."""
 
     ib: Any  # int32
     m: Any  # float32
@@ -365,17 +518,19 @@ class Requant:
 
 def requant_constants(
     w_q: Any, w_scale: Any, x_scale: float, x_zero_point: int, bias: Any | None, bias_q: Any | None, bias_scale: Any | None,
-    out_scale: float | None, tile: Tile,
+    out_scale: float | None, tile: Tile, shift: int = 0,
 ) -> Requant:
     """``ib, m, fb`` of the module docstring.  ``bias`` float (or None), ``bias_q``/``bias_scale``
-    its int32 form if it was quantized; ``out_scale`` None for a float output."""
+    its int32 form if it was quantized; ``out_scale`` None for a float output.  A micro-kernel
+    fed ``x_u8 - 128`` sees the zero point ``x_zero_point - 128``.  ``shift > 0``: the
+    fixed-point epilogue's constants (``m`` int32 multipliers, a float bias rounded into ``ib``)."""
     import numpy as np
 
     k = w_q.shape[0]
-    kp = tile.k_blocks * LANES
+    kp = tile.k_blocks * tile.micro.lanes
     sw = np.broadcast_to(np.asarray(w_scale, np.float64).reshape(-1), (k,))
     sxw = float(x_scale) * sw
-    ib = -int(x_zero_point) * w_q.reshape(k, -1).astype(np.int64).sum(axis=1)
+    ib = -(int(x_zero_point) - tile.micro.act_shift) * w_q.reshape(k, -1).astype(np.int64).sum(axis=1)
     fbias = np.zeros(k, np.float64)
     if bias_q is not None and bias_scale is not None:
         sb = np.broadcast_to(np.asarray(bias_scale, np.float64).reshape(-1), (k,))
@@ -387,6 +542,14 @@ def requant_constants(
         fbias = np.asarray(bias, np.float64).reshape(-1)
     div = float(out_scale) if out_scale is not None else 1.0
     pad = kp - k
+    if shift:
+        # integer epilogue: the float bias joins ib in accumulator units, m becomes M = m * 2^shift
+        ib = ib + np.round(fbias / sxw).astype(np.int64)
+        return Requant(
+            ib=np.pad(ib, (0, pad)).astype(np.int32),
+            m=np.pad(np.round(sxw / div * 2.0**shift), (0, pad)).astype(np.int32),
+            fb=np.zeros(kp, np.float32),
+        )
     return Requant(
         ib=np.pad(ib, (0, pad)).astype(np.int32),
         m=np.pad(sxw / div, (0, pad)).astype(np.float32),
@@ -645,7 +808,24 @@ def _extends(g: _Graph, var: Any) -> bool:
     return len(users) == 1 and _op(users[0]) in (*_ACTS, "relax.quantize", "relax.add")
 
 
-def layer_geometry(layer: QLayer, x_shape: list[int]) -> QConv:
+def requant_shift(multipliers: Any) -> int:
+    """The fixed-point shift for requantization multipliers ``m = s_x s_w / s_y`` (all > 0): the
+    largest multiplier becomes an integer ``M = round(m 2^shift)`` in ``[2^29, 2^30]``, so
+    ``(acc + ib) M`` fits int64 and ``>> shift`` brings it back to int32; 0 (use the float
+    epilogue) when a multiplier is >= 1 or the shift would exceed 50.  Rounding: ``M`` carries 30
+    significant bits (relative error <= 2^-30 for the largest channel), the shift rounds half up,
+    where the float epilogue rounds half away from zero: results differ only on exact ties."""
+    import numpy as np
+
+    m = np.asarray(multipliers, np.float64).reshape(-1)
+    if m.size == 0 or not np.all(m > 0) or not np.all(np.isfinite(m)):
+        return 0
+    e = math.frexp(float(m.max()))[1]  # max m < 2^e
+    shift = 30 - e
+    return shift if e <= 0 and shift <= 50 else 0
+
+
+def layer_geometry(layer: QLayer, x_shape: list[int], micro: MicroKernel = VNNI) -> QConv:
     """The :class:`QConv` of a matched layer (``x_shape``: NCHW, or ``[M, K]`` for dense)."""
     import numpy as np
 
@@ -659,13 +839,17 @@ def layer_geometry(layer: QLayer, x_shape: list[int]) -> QConv:
         lo = 0.0 if not math.isfinite(layer.lo) else float(max(0, z + int(np.round(layer.lo / s))))
         hi = 255.0 if not math.isfinite(layer.hi) else float(min(255, z + int(np.round(layer.hi / s))))
         out = dict(out_dtype="uint8", out_zero_point=z, lo=lo, hi=max(lo, hi))
+        if micro.fixed_point:
+            out["shift"] = requant_shift(layer.x_scale * np.broadcast_to(np.asarray(layer.w_scale, np.float64).reshape(-1),
+                                                                         (k,)) / s)
     else:
         out = dict(out_dtype="float32", out_zero_point=0, lo=layer.lo, hi=layer.hi)
     return QConv(h, w, c, k, (kh, kw), layer.strides, layer.padding, layer.dilation, layer.x_zero_point, **out)
 
 
-def integer_qdq_pass() -> Any:
-    """A Relax module pass: QDQ Conv/Gemm/MatMul -> VNNI integer kernels, NHWC around them."""
+def integer_qdq_pass(micro: MicroKernel = VNNI) -> Any:
+    """A Relax module pass: QDQ Conv/Gemm/MatMul -> integer kernels made of ``micro``, NHWC
+    around them."""
     import numpy as np
     import tvm
     from tvm import relax
@@ -726,10 +910,10 @@ def integer_qdq_pass() -> Any:
             x_shape = static_shape(layer.x_q)
             if x_shape is None:
                 return False
-            conv = layer_geometry(layer, x_shape)
-            tile = choose_tile(conv)
+            conv = layer_geometry(layer, x_shape, micro)
+            tile = choose_tile(conv, micro)
             rq = requant_constants(layer.w_q, layer.w_scale, layer.x_scale, layer.x_zero_point, layer.bias, layer.bias_q,
-                                   layer.bias_scale, layer.out_scale, tile)
+                                   layer.bias_scale, layer.out_scale, tile, conv.shift)
             key = (conv, tile)
             gv = self.kernels.get(key)
             if gv is None:
@@ -851,9 +1035,10 @@ def integer_qdq_pass() -> Any:
 
 def int8_passes(target: Any) -> list[Any]:
     """Relax passes (before edgec's channels-last passes) lowering QDQ layers to integer kernels
-    on ``target``; empty where the target has no VNNI."""
-    if not has_vnni(target):
+    on ``target`` (micro-kernel from :func:`micro_kernel`); empty for a non-CPU target."""
+    micro = micro_kernel(target)
+    if micro is None:
         return []
     from edgec.schedules.layout import canonicalize_clip
 
-    return [canonicalize_clip(), integer_qdq_pass()]
+    return [canonicalize_clip(), integer_qdq_pass(micro)]

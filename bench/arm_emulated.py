@@ -21,11 +21,15 @@ Correctness is checked in the same run: edgec's outputs on the board vs onnxrunt
     python bench/arm_emulated.py --width 0.35 --resolution 96 --cpu cortex-a76 --json
     python bench/arm_emulated.py --db tuning-db/                   # apply a MetaSchedule database
     python bench/arm_emulated.py --models mcunet --precision fp32,int8
+    python bench/arm_emulated.py --models mcunet --precision int8 --int8-float-path --cpu cortex-a76
 
 ``--precision int8``: the model quantized by ``edgec quantize`` (QDQ, uint8 activations, int8
 per-channel weights, calibrated on scikit-image photos, as ``bench/quant_speed.py`` does); both
 runtimes run that same QDQ model; their outputs may differ by a rounding step here and there
 (the check then allows 5 % of the output range; the error column says how far apart they are).
+``--int8-float-path`` also times the QDQ model compiled without edgec's integer kernels
+(dequantize -> fp32 conv -> quantize, i.e. before ``edgec.schedules.int8`` covered ARM) in the
+same rounds.
 
 Needs root and the board's Debian packages (``sudo bash scripts/arm_board.sh``).
 """
@@ -33,6 +37,7 @@ Needs root and the board's Debian packages (``sudo bash scripts/arm_board.sh``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -49,6 +54,20 @@ def quantized(proto):  # noqa: ANN001, ANN201
 
     calib = BuiltinDataset("photos").load(input_specs(proto), 16)
     return quantize_model(proto, calib, QuantConfig(activations="uint8")).model
+
+
+@contextlib.contextmanager
+def float_qdq_path():  # noqa: ANN201
+    """Compile QDQ models without the integer kernels (edgec's layout hook asks
+    ``edgec.schedules.int8.int8_passes`` at each compile)."""
+    from edgec.schedules import int8
+
+    saved = int8.int8_passes
+    int8.int8_passes = lambda target: []  # noqa: ARG005
+    try:
+        yield
+    finally:
+        int8.int8_passes = saved
 
 
 def measure(name: str, precision: str, args: argparse.Namespace, board, work: Path) -> dict:  # noqa: ANN001
@@ -74,6 +93,11 @@ def measure(name: str, precision: str, args: argparse.Namespace, board, work: Pa
     t = time.perf_counter()
     art = compile_model(proto, work / f"{name}-{precision}", CompileConfig(target=get_target(args.cpu), database=args.db)).artifact
     compile_s = time.perf_counter() - t
+    float_art = None
+    if precision == "int8" and args.int8_float_path:
+        with float_qdq_path():
+            float_art = compile_model(proto, work / f"{name}-{precision}-float", CompileConfig(target=get_target(args.cpu),
+                                                                                             database=args.db)).artifact
     remote = Remote.direct(f"{board.connect_host}:{board.port}", connect_timeout_s=30.0)
     from edgec.verify import Tolerance
 
@@ -81,6 +105,7 @@ def measure(name: str, precision: str, args: argparse.Namespace, board, work: Pa
     tolerance = Tolerance(rtol=1e-4, atol=1e-5) if precision == "fp32" else Tolerance(rtol=0.05, atol=0.0)
     tvm_ms: list[float] = []
     ort_ms: list[float] = []
+    float_ms: list[float] = []
     where = ""
     device_err = 0.0
     ort_err = 0.0
@@ -95,6 +120,10 @@ def measure(name: str, precision: str, args: argparse.Namespace, board, work: Pa
         o = em.ort_latency(art.model, em.OrtRunConfig(cpu=args.cpu, warmup=1, number=1, repeat=args.repeat,
                                                       threads=args.threads, seed=r, timeout_s=args.timeout))
         ort_ms += o.stats.samples_ms
+        if float_art is not None:
+            fres = run_bench(float_art, remote, BenchConfig(warmup=1, number=1, repeat=args.repeat, stall_timeout_s=args.timeout,
+                                                            check_outputs=False, threads=args.threads))
+            float_ms += fres.stats.samples_ms
         ort_version = o.ort_version
         if r == 0:
             host = ort.InferenceSession(str(art.model), providers=["CPUExecutionProvider"]).run(None, o.inputs)
@@ -108,7 +137,8 @@ def measure(name: str, precision: str, args: argparse.Namespace, board, work: Pa
             "edgec_ms_median": e, "onnxruntime_ms_median": o_, "ratio": e / o_, "edgec_samples": len(tvm_ms),
             "ort_samples": len(ort_ms), "edgec_max_rel_err_vs_host_ort": device_err,
             "emulated_ort_max_rel_err_vs_host_ort": ort_err, "onnxruntime": ort_version, "compile_s": compile_s,
-            "database": str(args.db) if args.db else None, "label": "emulated"}
+            "database": str(args.db) if args.db else None, "label": "emulated",
+            "edgec_float_path_ms_median": statistics.median(float_ms) if float_ms else None}
 
 
 def main() -> int:
@@ -123,6 +153,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--precision", default="fp32", help="fp32, int8 or fp32,int8 (int8: the edgec-quantized QDQ model)")
     p.add_argument("--db", type=Path, default=None, help="MetaSchedule database folder (edgec tune --db)")
+    p.add_argument("--int8-float-path", action="store_true",
+                   help="also time int8 models without the integer kernels (dequantize -> fp32 conv), same rounds")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -141,11 +173,16 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    cols = ["model", "precision", "input", "edgec ms (emulated)", "onnxruntime ms (emulated)", "edgec / ort", "edgec err", "ort-arm err"]
+    table = [(r["model"], r["precision"], "x".join(map(str, r["input"])), r["edgec_ms_median"], r["onnxruntime_ms_median"], r["ratio"],
+              r["edgec_max_rel_err_vs_host_ort"], r["emulated_ort_max_rel_err_vs_host_ort"]) for r in rows]
+    if args.int8_float_path:
+        cols += ["int8 float path ms", "float path / ort"]
+        table = [t + ((r["edgec_float_path_ms_median"], r["edgec_float_path_ms_median"] / r["onnxruntime_ms_median"])
+                      if r["edgec_float_path_ms_median"] else ("", "")) for t, r in zip(table, rows)]
     console.out.print(console.table(
         f"EMULATED {args.cpu} (qemu user-mode on this x86 host, {args.threads} thread(s)): edgec vs onnxruntime aarch64",
-        ["model", "precision", "input", "edgec ms (emulated)", "onnxruntime ms (emulated)", "edgec / ort", "edgec err", "ort-arm err"],
-        [(r["model"], r["precision"], "x".join(map(str, r["input"])), r["edgec_ms_median"], r["onnxruntime_ms_median"], r["ratio"],
-          r["edgec_max_rel_err_vs_host_ort"], r["emulated_ort_max_rel_err_vs_host_ort"]) for r in rows], numeric_from=3))
+        cols, table, numeric_from=3))
     console.out.print(f"onnxruntime {rows[0]['onnxruntime'] if rows else '?'} (aarch64 wheel) in the emulated userland; "
                       f"medians of {args.rounds} interleaved rounds x {args.repeat} samples; errors are max |diff| / max |ref| "
                       f"vs onnxruntime on this host; total {time.perf_counter() - t0:.0f} s")

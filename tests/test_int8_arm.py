@@ -15,7 +15,16 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from test_int8_kernels import CONV_CASES, _conv_model, _dense_model, _output_scale, _quantize, _residual_model
+from test_int8_kernels import (
+    CONV_CASES,
+    DW_MODELS,
+    _conv_model,
+    _dense_model,
+    _depthwise_model,
+    _output_scale,
+    _quantize,
+    _residual_model,
+)
 
 from edgec import emulate as em
 from edgec.schedules import int8
@@ -100,11 +109,22 @@ def test_conv_on_emulated_board_matches_onnxruntime(arm_boards, case, cpu, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("cpu", CPUS)
 def test_residual_block_and_gemm_on_emulated_board(arm_boards, cpu, tmp_path):
-    """Integer 1x1 convs + float Gemm output, float depthwise, residual add / maxpool / GAP in NHWC."""
+    """Integer 1x1 convs, depthwise conv and Gemm (float output), residual add / maxpool / GAP in NHWC."""
     rng = np.random.default_rng(3)
     fp32, shape = _residual_model(rng)
     q = _quantize(fp32, shape, rng)
-    assert _steps(q, shape, rng, cpu, arm_boards[cpu], tmp_path, n_kernels=3) <= 1e-2
+    assert _steps(q, shape, rng, cpu, arm_boards[cpu], tmp_path, n_kernels=4) <= 1e-2
+
+
+@pytest.mark.arm
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu", CPUS)
+@pytest.mark.parametrize("case", DW_MODELS, ids=lambda c: f"c{c[0]}_k{c[4]}s{c[2]}")
+def test_depthwise_on_emulated_board_matches_onnxruntime(arm_boards, case, cpu, tmp_path):
+    rng = np.random.default_rng(case[0])
+    fp32, shape = _depthwise_model(rng, *case)
+    q = _quantize(fp32, shape, rng)
+    assert _steps(q, shape, rng, cpu, arm_boards[cpu], tmp_path, n_kernels=2) <= 1.0
 
 
 @pytest.mark.arm

@@ -312,6 +312,93 @@ def test_kernel_exact_integer_arithmetic(conv, micro):
     run_kernel(conv, tile, run, np.random.default_rng(conv.in_channels))
 
 
+def _exact_depthwise(x: np.ndarray, w: np.ndarray, conv: int8.QConv) -> np.ndarray:
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel, conv.strides, conv.dilation
+    pt, pl, pb, pr = conv.padding
+    oh, ow = conv.out_hw
+    xp = np.full((conv.height + pt + pb, conv.width + pl + pr, conv.in_channels), conv.x_zero_point, np.int64)
+    xp[pt:pt + conv.height, pl:pl + conv.width] = x[0]
+    acc = np.zeros((oh, ow, conv.in_channels), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            acc += xp[i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw] * w[:, 0, i, j].astype(np.int64)
+    return acc[None]
+
+
+DW_CASES = [
+    int8.QConv(12, 12, 32, 32, (3, 3), (1, 1), (1, 1, 1, 1), x_zero_point=3, out_zero_point=2, lo=2),
+    int8.QConv(14, 14, 48, 48, (3, 3), (2, 2), (0, 0, 1, 1), x_zero_point=130),
+    int8.QConv(13, 11, 21, 21, (5, 5), (2, 2), (2, 2, 2, 2), x_zero_point=200, out_zero_point=100),
+    int8.QConv(7, 7, 16, 16, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), x_zero_point=255, out_zero_point=255),
+]
+
+
+@pytest.mark.parametrize("micro", ["vnni", "generic256-signed-fixed"])
+@pytest.mark.parametrize("conv", DW_CASES, ids=lambda c: f"{c.height}x{c.width}x{c.in_channels}_k{c.kernel[0]}s{c.strides[0]}")
+def test_depthwise_kernel_exact_integer_arithmetic(conv, micro):
+    """The integer depthwise kernel (float and fixed-point epilogue) against int64 numpy."""
+    import tvm
+
+    target_name, mk = HOST_MICRO[micro]
+    tile = int8.choose_dw_tile(conv, mk)
+    assert tile.micro.act_shift == 0 and tile.micro.fixed_point == mk.fixed_point and tile.micro.lanes == mk.lanes
+    rng = np.random.default_rng(conv.in_channels)
+    x = rng.integers(0, 256, (1, conv.height, conv.width, conv.in_channels)).astype(np.uint8)
+    w = rng.integers(-128, 128, (conv.out_channels, 1) + conv.kernel).astype(np.int8)
+    bq = rng.integers(-5000, 5000, conv.out_channels).astype(np.int32)
+    sw = rng.random(conv.out_channels) * 0.01 + 1e-3
+    if mk.fixed_point:
+        conv = dataclasses.replace(conv, shift=int8.requant_shift(0.02 * sw / 0.5))
+    rq = int8.requant_constants(w, sw, 0.02, conv.x_zero_point, None, bq, 0.02 * sw, 0.5, tile, conv.shift)
+    oh, ow = conv.out_hw
+    args = [x, int8.pack_dw_weight(w, tile), rq.ib, rq.m, rq.fb, np.zeros((1, oh, ow, conv.out_channels), "uint8")]
+    lib = tvm.compile(tvm.IRModule({"main": int8.dw_primfunc(conv, tile)}), target=_target(target_name))
+    t = [tvm.runtime.tensor(a) for a in args]
+    lib(*t)
+    acc = _exact_depthwise(x, w, conv) - conv.x_zero_point * w.reshape(conv.out_channels, -1).astype(np.int64).sum(1) + bq
+    ref = np.clip(np.round(acc * 0.02 * sw / 0.5) + conv.out_zero_point, conv.lo, conv.hi)
+    check_kernel_output(conv, t[-1].numpy(), ref)
+
+
+def _depthwise_model(rng: np.random.Generator, c: int, hw: int, stride: int, pads: list[int], k: int):
+    """conv 1x1 (8 -> c) -> relu -> depthwise k x k (+ bias) -> clip(0, 6)."""
+    w1 = (rng.standard_normal((c, 8, 1, 1)) / 3).astype(np.float32)
+    wd = (rng.standard_normal((c, 1, k, k)) / 3).astype(np.float32)
+    bd = (rng.standard_normal(c) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["ar"]),
+             helper.make_node("Conv", ["ar", "wd", "bd"], ["d"], pads=pads, strides=[stride] * 2, group=c, kernel_shape=[k, k]),
+             helper.make_node("Clip", ["d", "lo", "hi"], ["y"])]
+    oh = (hw + pads[0] + pads[2] - k) // stride + 1
+    ow = (hw + pads[1] + pads[3] - k) // stride + 1
+    inits = [tensor("w1", w1), tensor("wd", wd), tensor("bd", bd), tensor("lo", np.array(0.0, np.float32)),
+             tensor("hi", np.array(6.0, np.float32))]
+    return make_model(nodes, [("x", (1, 8, hw, hw))], [("y", (1, c, oh, ow))], inits), (1, 8, hw, hw)
+
+
+DW_MODELS = [(24, 14, 2, [0, 0, 1, 1], 3), (20, 9, 1, [1, 1, 1, 1], 3), (32, 12, 1, [2, 2, 2, 2], 5)]
+
+
+@pytest.mark.parametrize("fixed_point", [False, True])
+@pytest.mark.parametrize("case", DW_MODELS, ids=lambda c: f"c{c[0]}_k{c[4]}s{c[2]}")
+def test_depthwise_layers_match_onnxruntime(case, fixed_point, monkeypatch):
+    """Depthwise QDQ convs through the rewrite (as on ARM, where micro-kernels take them; forced on
+    this host's VNNI micro-kernel here) match onnxruntime within one step."""
+    orig = int8.micro_kernel
+    monkeypatch.setattr(int8, "micro_kernel", lambda t: dataclasses.replace(orig(t), depthwise=True, fixed_point=fixed_point))
+    rng = np.random.default_rng(case[0])
+    fp32, shape = _depthwise_model(rng, *case)
+    q = _quantize(fp32, shape, rng)
+    assert _check(q, shape, rng, n_kernels=2) <= 1.0
+
+
+def test_depthwise_stays_float_without_the_flag():
+    rng = np.random.default_rng(1)
+    fp32, shape = _depthwise_model(rng, *DW_MODELS[0])
+    q = _quantize(fp32, shape, rng)
+    assert not int8.micro_kernel(_host()).depthwise
+    assert _check(q, shape, rng, n_kernels=1) <= 1.0  # the 1x1 conv only
+
+
 @pytest.mark.parametrize("micro", [int8.VNNI, int8.SDOT, int8.generic_kernel(128, 32), int8.generic_kernel(256, 16)],
                          ids=lambda m: m.name)
 def test_tiles_fit_registers_and_cover_the_output(micro):
@@ -353,9 +440,8 @@ def test_micro_kernel_chosen_from_target_features():
     assert int8.micro_kernel(tvm.target.Target({**x86, "mcpu": "cascadelake"})) == int8.VNNI
     assert int8.micro_kernel(tvm.target.Target({**x86, "mcpu": "haswell"})) == int8.generic_kernel(256, 16)
     assert int8.micro_kernel(tvm.target.Target({**x86, "mcpu": "skylake-avx512"})) == int8.generic_kernel(512, 32)
-    for name, want in (("cortex-a76", int8.SDOT), ("cortex-a72", int8.generic_kernel(128, 32, fixed_point=True)),
-                       ("cortex-a53", int8.generic_kernel(128, 32, fixed_point=True)),
-                       ("arm64", int8.generic_kernel(128, 32, fixed_point=True))):
+    neon = int8.generic_kernel(128, 32, fixed_point=True, depthwise=True)
+    for name, want in (("cortex-a76", int8.SDOT), ("cortex-a72", neon), ("cortex-a53", neon), ("arm64", neon)):
         assert int8.micro_kernel(get_target(name).tvm_target()) == want, name
     assert int8.micro_kernel(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55"})) == int8.SDOT
     assert int8.micro_kernel(tvm.target.Target({"kind": "cuda"})) is None

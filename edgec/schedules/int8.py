@@ -85,6 +85,13 @@ both stay within one output step of onnxruntime.  On the emulated Cortex-A72/A76
 float SIMD through softfloat helpers) it halves a 1x1 conv's time; on x86 (Zen 4) the int64
 multiply makes it 5-20 % slower than the float epilogue, so VNNI keeps the float one.
 
+Depthwise convs (``groups == C``, one weight per channel and tap) on the ARM micro-kernels
+(``MicroKernel.depthwise``): :func:`dw_primfunc`, no reduction over channels, so
+``acc[c] = sum_{kh,kw} int32(x_q[.., c]) * int32(W[kh, kw, c])`` vectorized over channels
+(``smlal`` on NEON), ``tw`` output pixels per tile with the window's weights in registers, the same
+correction ``ib[c] = -z_x sum_t W[c, t] (+ b_q)`` and epilogue.  On x86 (Zen 4, plain
+``vpmulld``) it is no faster than edgec's float depthwise schedule, so VNNI keeps the float one.
+
 The rewrite applies to every CPU target; int8 (signed) activations are left to the float path.
 """
 
@@ -129,6 +136,7 @@ class MicroKernel:
     intrin: str | None = None
     channel_tiles: tuple[int, ...] = (4, 3, 2, 1)
     fixed_point: bool = False  # requantize with an integer multiplier and shift (see requant_shift)
+    depthwise: bool = False  # depthwise QDQ convs get the integer depthwise kernel (dw_primfunc) too
 
     @property
     def act_shift(self) -> int:
@@ -148,15 +156,15 @@ VNNI = MicroKernel("vnni", lanes=16, group=4, registers=32, intrin=VNNI_INTRIN)
 #: AArch64 with the dot-product extension (Cortex-A55/A76/...): ``sdot`` s8 x s8, 4 lanes x 4 taps,
 #: 32 q registers.
 SDOT = MicroKernel("sdot", lanes=4, group=4, registers=32, act_dtype="int8", intrin=SDOT_INTRIN,
-                   channel_tiles=(6, 5, 4, 3, 2, 1), fixed_point=True)
+                   channel_tiles=(6, 5, 4, 3, 2, 1), fixed_point=True, depthwise=True)
 
 
-def generic_kernel(vector_bits: int, registers: int, fixed_point: bool = False) -> MicroKernel:
+def generic_kernel(vector_bits: int, registers: int, fixed_point: bool = False, depthwise: bool = False) -> MicroKernel:
     """The plain widening kernel for a ``vector_bits`` SIMD unit with ``registers`` registers."""
     lanes = max(4, vector_bits // 32)
     tiles = (6, 5, 4, 3, 2, 1) if lanes <= 4 else (4, 3, 2, 1)
     return MicroKernel(f"generic{vector_bits}", lanes=lanes, group=1, registers=registers, weight_dtype="int16",
-                       channel_tiles=tiles, fixed_point=fixed_point)
+                       channel_tiles=tiles, fixed_point=fixed_point, depthwise=depthwise)
 
 
 def _has(target: Any, feature: str) -> bool:
@@ -177,7 +185,7 @@ def micro_kernel(target: Any) -> MicroKernel | None:
         return VNNI
     triple = str(target.attrs.get("mtriple", "")) if "mtriple" in target.attrs else ""
     if triple.startswith("aarch64") or _has(target, "neon"):
-        return SDOT if _has(target, "dotprod") else generic_kernel(128, 32, fixed_point=True)
+        return SDOT if _has(target, "dotprod") else generic_kernel(128, 32, fixed_point=True, depthwise=True)
     if _has(target, "avx512f"):
         return generic_kernel(512, 32)
     if _has(target, "avx2"):
@@ -380,6 +388,146 @@ def _widen(v: Any, micro: MicroKernel) -> Any:
     return v.astype("int32")
 
 
+def _requantize(conv: QConv, a: Any, m: Any, fb: Any) -> Any:
+    """The epilogue of one output ``a = acc + ib`` (int32): float or fixed-point (``conv.shift``)."""
+    from tvm import tirx
+
+    if conv.shift:
+        sft = conv.shift
+        t = a.astype("int64") * m.astype("int64") + tirx.const((conv.out_zero_point << sft) + (1 << (sft - 1)), "int64")
+        q = tirx.shift_right(t, tirx.const(sft, "int64")).astype("int32")
+        q = tirx.max(tirx.min(q, tirx.const(int(conv.hi), "int32")), tirx.const(int(conv.lo), "int32"))
+        return q.astype(conv.out_dtype)
+    f = a.astype("float32") * m + fb
+    if conv.out_dtype == "uint8":
+        f = tirx.round(f) + tirx.const(float(conv.out_zero_point), "float32")
+    if math.isfinite(conv.lo):
+        f = tirx.max(f, tirx.const(float(conv.lo), "float32"))
+    if math.isfinite(conv.hi):
+        f = tirx.min(f, tirx.const(float(conv.hi), "float32"))
+    return f.astype(conv.out_dtype) if conv.out_dtype != "float32" else f
+
+
+def depthwise_kernel(micro: MicroKernel) -> MicroKernel:
+    """The micro-kernel of depthwise convs on ``micro``'s target: no reduction over channels, so
+    no dot product; the plain widening multiply-accumulate over ``micro.lanes`` channels (unsigned
+    activations, int16 weights), ``micro``'s epilogue."""
+    return MicroKernel(f"dw-{micro.name}", lanes=micro.lanes, group=1, registers=micro.registers, weight_dtype="int16",
+                       channel_tiles=(1,), fixed_point=micro.fixed_point)
+
+
+def choose_dw_tile(conv: QConv, micro: MicroKernel) -> Tile:
+    """Depthwise register tile: ``tw`` output pixels x one vector of channels (``tw`` accumulators,
+    the ``KH*KW`` weight vectors and the input vectors of the window stay in registers)."""
+    dw = depthwise_kernel(micro)
+    _, ow = conv.out_hw
+    taps = conv.kernel[0] * conv.kernel[1]
+    best: tuple[float, Tile] | None = None
+    for tw in range(1, MAX_TW + 1):
+        inputs = (tw - 1) * conv.strides[1] + conv.kernel[1]
+        if tw + taps + inputs > dw.budget and tw > 1:
+            continue
+        owp = -(-ow // tw) * tw
+        score = tw / (tw + 1) * (ow / owp)
+        if best is None or score > best[0] + 1e-9:
+            best = (score, Tile(tw, 1, owp, conv.k_blocks(dw), False, dw))
+    assert best is not None
+    return best[1]
+
+
+def pack_dw_weight(w_q: Any, tile: Tile) -> Any:
+    """int8 depthwise ``[C, 1, KH, KW]`` -> int16 ``[KH, KW, Cp]`` (``Cp`` = whole lane blocks, zeros)."""
+    import numpy as np
+
+    c, _, kh, kw = w_q.shape
+    full = np.zeros((kh, kw, tile.k_blocks * tile.micro.lanes), np.int16)
+    full[:, :, :c] = w_q[:, 0].transpose(1, 2, 0)
+    return full
+
+
+def dw_primfunc(conv: QConv, tile: Tile) -> Any:
+    """The scheduled integer depthwise kernel ``(X[1,H,W,C] u8, W[KH,KW,Cp] i16, ib, m, fb) -> Y``
+    (``conv.in_channels == conv.out_channels``, one input channel per output channel)::
+
+        parallel for (row, pixel tile, channel vector):
+            acc[Tw][L] = 0
+            unroll for kh, kw, i < Tw:
+                acc[i] += int32(x[.., c:c+L]) * int32(W[kh, kw, c:c+L])
+            y[tile] = requantize(acc)
+    """
+    from tvm import s_tir, te, tirx
+
+    micro = tile.micro
+    lanes = micro.lanes
+    oh, ow = conv.out_hw
+    owp = tile.out_width
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel, conv.strides, conv.dilation
+    pt, pl, _, _ = conv.padding
+    cp = tile.k_blocks * lanes
+    hp = (oh - 1) * sh + (kh - 1) * dh + 1
+    wp = (owp - 1) * sw + (kw - 1) * dw + 1
+    h, w, c = conv.height, conv.width, conv.in_channels
+
+    x = te.placeholder((1, h, w, c), "uint8", name="X")
+    wt = te.placeholder((kh, kw, cp), "int16", name="W")
+    ib = te.placeholder((cp,), "int32", name="ib")
+    m = te.placeholder((cp,), "int32" if conv.shift else "float32", name="m")
+    fb = te.placeholder((cp,), "float32", name="fb")
+    zx = tirx.const(conv.x_zero_point, "uint8")
+
+    def padded(n: Any, i: Any, j: Any, k: Any) -> Any:
+        inside = tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl, k < c)
+        v = x[n, tirx.max(tirx.min(i - pt, h - 1), 0), tirx.max(tirx.min(j - pl, w - 1), 0), tirx.min(k, c - 1)]
+        return tirx.if_then_else(inside, v, zx)
+
+    # (a select per input vector inside the kernel instead of this pass: 1.9x slower on Zen 4)
+    pad = pt > 0 or pl > 0 or hp > h or wp > w or cp != c
+    xp = te.compute((1, hp, wp, cp), padded, name="pad") if pad else x
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    acc = te.compute(
+        (1, oh, owp, cp),
+        lambda n, i, j, k: te.sum(
+            xp[n, i * sh + rh * dh, j * sw + rw * dw, k].astype("int16").astype("int32") * wt[rh, rw, k].astype("int32"),
+            axis=[rh, rw],
+        ),
+        name="acc",
+    )
+    y = te.compute((1, oh, ow, c), lambda n, i, j, k: _requantize(conv, acc[n, i, j, k] + ib[k], m[k], fb[k]), name="out")
+    sch = s_tir.Schedule(te.create_prim_func([x, wt, ib, m, fb, y]))
+    block = sch.get_sblock("acc")
+    n, i, j, k, r_h, r_w = sch.get_loops(block)
+    j_o, j_i = sch.split(j, [None, tile.tw])
+    k_o, k_i = sch.split(k, [None, lanes])
+    sch.reorder(n, i, j_o, k_o, r_h, r_w, j_i, k_i)
+    fused = sch.fuse(n, i, j_o, k_o)
+    sch.parallel(fused)
+    sch.vectorize(k_i)
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, fused)
+    init = sch.decompose_reduction(block, r_h)
+    for lp in sch.get_loops(init)[1:-1]:
+        sch.unroll(lp)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for lp in (r_h, r_w, j_i):
+        sch.unroll(lp)
+    sch.set_scope(init, 0, "local")
+    own = sch.get_loops(out)[1:]
+    if c % lanes == 0:
+        sch.vectorize(own[-1])
+    else:
+        sch.unroll(own[-1])
+    for lp in own[:-1]:
+        sch.unroll(lp)
+    if pad:
+        ploops = sch.get_loops(sch.get_sblock("pad"))
+        sch.parallel(sch.fuse(ploops[0], ploops[1]))
+        if cp % lanes == 0:
+            _, pv = sch.split(ploops[-1], [None, lanes])
+            sch.vectorize(pv)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+
+
 def conv_primfunc(conv: QConv, tile: Tile) -> Any:
     """The scheduled integer kernel ``(X[1,H,W,C] u8, Wp, ib[K'] i32, m[K'] f32, fb[K'] f32) -> Y``.
 
@@ -438,24 +586,8 @@ def conv_primfunc(conv: QConv, tile: Tile) -> Any:
         name="acc",
     )
 
-    def epilogue(n: Any, i: Any, j: Any, k: Any) -> Any:
-        if conv.shift:
-            sft = conv.shift
-            t = (acc[n, i, j, k] + ib[k]).astype("int64") * m[k].astype("int64") + tirx.const(
-                (conv.out_zero_point << sft) + (1 << (sft - 1)), "int64")
-            q = tirx.shift_right(t, tirx.const(sft, "int64")).astype("int32")
-            q = tirx.max(tirx.min(q, tirx.const(int(conv.hi), "int32")), tirx.const(int(conv.lo), "int32"))
-            return q.astype(conv.out_dtype)
-        f = (acc[n, i, j, k] + ib[k]).astype("float32") * m[k] + fb[k]
-        if conv.out_dtype == "uint8":
-            f = tirx.round(f) + tirx.const(float(conv.out_zero_point), "float32")
-        if math.isfinite(conv.lo):
-            f = tirx.max(f, tirx.const(float(conv.lo), "float32"))
-        if math.isfinite(conv.hi):
-            f = tirx.min(f, tirx.const(float(conv.hi), "float32"))
-        return f.astype(conv.out_dtype) if conv.out_dtype != "float32" else f
-
-    y = te.compute((1, oh, ow, conv.out_channels), epilogue, name="out")
+    y = te.compute((1, oh, ow, conv.out_channels), lambda n, i, j, k: _requantize(conv, acc[n, i, j, k] + ib[k], m[k], fb[k]),
+                   name="out")
     func = te.create_prim_func([x, wpk, ib, m, fb, y])
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("acc")
@@ -577,7 +709,7 @@ _SMALL_OPERAND = 1 << 16
 class QLayer:
     """One matched QDQ Conv/Gemm/MatMul: what :func:`conv_primfunc` needs, plus its input."""
 
-    kind: str  # "conv" or "dense"
+    kind: str  # "conv", "dw" (depthwise) or "dense"
     x_q: Any  # the uint8 input (a Relax Var; NCHW for conv, [M, K] for dense)
     x_scale: float
     x_zero_point: int
@@ -756,18 +888,21 @@ def match_layer(g: _Graph, anchor: Any) -> QLayer | None:
     op = _op(e)
     if op == "relax.nn.conv2d":
         a = e.attrs
-        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW") or int(a.groups) != 1:
+        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
             return None
         x = _dequantized_input(g, e.args[0])
         w = _dequantized_const(g, e.args[1])
         xs = static_shape(x[0]) if x is not None else None
         if x is None or w is None or w[0].dtype != np.int8 or w[0].ndim != 4 or xs is None or len(xs) != 4 or xs[0] != 1:
             return None
+        groups = int(a.groups)
+        if groups != 1 and not (groups == xs[1] == w[0].shape[0] and w[0].shape[1] == 1):
+            return None  # grouped convs other than depthwise (channel multiplier 1) stay float
         if w[1].size not in (1, w[0].shape[0]) or (w[1].size > 1 and w[2] != 0):
             return None
         pad = [int(p) for p in a.padding]
         pad = pad * 2 if len(pad) == 2 else pad
-        layer = QLayer("conv", x[0], x[1], x[2], w[0], w[1].reshape(-1), tuple(int(s) for s in a.strides), tuple(pad),
+        layer = QLayer("conv" if groups == 1 else "dw", x[0], x[1], x[2], w[0], w[1].reshape(-1), tuple(int(s) for s in a.strides), tuple(pad),
                        tuple(int(d) for d in a.dilation), bias, bias_q, bias_scale, out_scale, out_zp, lo, hi)
     elif op == "relax.matmul":
         x = _dequantized_input(g, e.args[0])
@@ -830,6 +965,8 @@ def layer_geometry(layer: QLayer, x_shape: list[int], micro: MicroKernel = VNNI)
     import numpy as np
 
     k, c, kh, kw = layer.w_q.shape
+    if layer.kind == "dw":
+        c = k
     if layer.kind == "dense":
         h, w = 1, x_shape[0]
     else:
@@ -910,23 +1047,27 @@ def integer_qdq_pass(micro: MicroKernel = VNNI) -> Any:
             x_shape = static_shape(layer.x_q)
             if x_shape is None:
                 return False
+            if layer.kind == "dw" and not micro.depthwise:
+                return False
             conv = layer_geometry(layer, x_shape, micro)
-            tile = choose_tile(conv, micro)
+            tile = choose_dw_tile(conv, micro) if layer.kind == "dw" else choose_tile(conv, micro)
             rq = requant_constants(layer.w_q, layer.w_scale, layer.x_scale, layer.x_zero_point, layer.bias, layer.bias_q,
                                    layer.bias_scale, layer.out_scale, tile, conv.shift)
             key = (conv, tile)
             gv = self.kernels.get(key)
             if gv is None:
-                gv = self.builder_.add_func(conv_primfunc(conv, tile), "edgec_int8_conv" if layer.kind == "conv" else "edgec_int8_dense")
+                func = dw_primfunc(conv, tile) if layer.kind == "dw" else conv_primfunc(conv, tile)
+                gv = self.builder_.add_func(func, f"edgec_int8_{layer.kind}" if layer.kind != "conv" else "edgec_int8_conv")
                 self.kernels[key] = gv
             oh, ow = conv.out_hw
-            if layer.kind == "conv":
+            if layer.kind in ("conv", "dw"):
                 x = self._to_nhwc(layer.x_q)
             else:
                 x = self.builder_.emit(relax.op.reshape(self._cur(layer.x_q), (1, 1, x_shape[0], x_shape[1])))
-            args = [x, relax.const(pack_weight(layer.w_q, tile)), relax.const(rq.ib), relax.const(rq.m), relax.const(rq.fb)]
+            wpk = pack_dw_weight(layer.w_q, tile) if layer.kind == "dw" else pack_weight(layer.w_q, tile)
+            args = [x, relax.const(wpk), relax.const(rq.ib), relax.const(rq.m), relax.const(rq.fb)]
             call = relax.call_tir(gv, relax.Tuple(args), relax.TensorType((1, oh, ow, conv.out_channels), conv.out_dtype))
-            if layer.kind == "conv":
+            if layer.kind in ("conv", "dw"):
                 self._set_nhwc(binding, call)
             else:
                 y = self.builder_.emit(call)

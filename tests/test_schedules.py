@@ -453,6 +453,9 @@ PACKED_CASES = {
     "depthwise7x7_stride2_odd_width": (96, 96, 7, 2, 96, 13, {}),
     "grouped3x3": (64, 128, 3, 1, 4, 9, {}),
     "grouped_stride2": (96, 96, 3, 2, 2, 10, {"bn": False}),
+    # few output vectors, long rows: (Tw, Tc) = (28, 1) / (20, 1) (cpu.narrow_tile)
+    "pointwise_narrow_long_rows": (96, 24, 1, 1, 1, 28, {}),
+    "dense3x3_narrow_long_rows_residual": (32, 32, 3, 1, 1, 20, {"bn": False, "residual": True}),
 }
 
 
@@ -529,3 +532,20 @@ def schedules_layout(target):
     from edgec import schedules
 
     return schedules.layout_passes(target)
+
+
+def test_narrow_dense_reductions_get_long_rows():
+    """1x1 convs to few output vectors get one-vector tiles of up to 28 pixels (weights streamed
+    once per 28 pixels); depthwise (short reductions), wide outputs and short rows do not."""
+    from edgec.schedules.cpu import channel_tile, narrow_tile
+
+    assert narrow_tile(3, 56, 144, 32) == (28, 1)
+    assert narrow_tile(1, 112, 64, 32) == (28, 1)
+    assert narrow_tile(1, 112, 32, 32) is None  # reduction under 64
+    assert narrow_tile(2, 20, 288, 32) == (20, 1)
+    assert narrow_tile(2, 28, 192, 16) == (14, 1)  # AVX2: 16 registers, Tw + 2 <= 16
+    assert narrow_tile(3, 56, 9, 32) is None  # depthwise
+    assert narrow_tile(4, 56, 144, 32) is None  # 4 vectors: the register tile
+    assert narrow_tile(2, 7, 144, 32) is None  # short rows
+    t = channel_tile(24, 56, 56 * 56, 144 * 24 * 4, 16, 32, 144)
+    assert (t.lanes, t.vectors, t.pixels, t.block) == (8, 1, 28, 8)

@@ -306,7 +306,8 @@ def pack_weights(target: Any) -> Any:
     matmul_op = tvm.ir.Op.get("relax.matmul")
 
     def block_for(k: int, w_ext: int, pixels: int, weight_bytes: int) -> int | None:
-        b = channel_tile(k, w_ext, pixels, weight_bytes, lanes, params.registers).block
+        reduce_len = weight_bytes // 4 // k
+        b = channel_tile(k, w_ext, pixels, weight_bytes, lanes, params.registers, reduce_len).block
         return b if 0 < b < k and k % b == 0 else None
 
     def f32(e: Any) -> bool:

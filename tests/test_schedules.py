@@ -549,3 +549,31 @@ def test_narrow_dense_reductions_get_long_rows():
     assert narrow_tile(2, 7, 144, 32) is None  # short rows
     t = channel_tile(24, 56, 56 * 56, 144 * 24 * 4, 16, 32, 144)
     assert (t.lanes, t.vectors, t.pixels, t.block) == (8, 1, 28, 8)
+
+
+@pytest.mark.parametrize("case", ["dense3x3_stride2_pad", "depthwise3x3_stride2", "pointwise_narrow_long_rows", "grouped3x3"])
+def test_packed_convs_with_4_lane_vectors_match_onnxruntime(case):
+    """The packing and tiles of a 128-bit target (4 lanes as on NEON, 16 registers: SSE x86-64),
+    run on this host: blocks of 4..16 channels, numerics equal to onnxruntime."""
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgec.schedules import compile_module
+    from edgec.schedules.cpu import cpu_params
+
+    sse = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+    assert (cpu_params(sse).lanes(32), cpu_params(sse).registers) == (4, 16)
+    cin, cout, k, stride, groups, hw, extra = PACKED_CASES[case]
+    model = conv_block(cin, cout, k, stride, groups, hw, **extra)
+    with sse:
+        script = tvm.transform.Sequential(schedules_layout(sse))(from_onnx(model, keep_params_in_input=False))["main"].script(
+            show_meta=False
+        )
+    assert "conv2d_packed" in script, case
+    x = np.random.default_rng(6).standard_normal((1, cin, hw, hw)).astype(np.float32)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    vm = relax.VirtualMachine(compile_module(from_onnx(model, keep_params_in_input=False), sse), tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(x)).numpy()
+    assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max()), case

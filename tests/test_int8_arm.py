@@ -19,6 +19,7 @@ from test_int8_kernels import (
     CONV_CASES,
     DW_MODELS,
     _conv_model,
+    _add_model,
     _dense_model,
     _depthwise_model,
     _output_scale,
@@ -141,3 +142,13 @@ def test_quantized_gemm_on_emulated_board(arm_boards, cpu, tmp_path):
     dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_q")]
     step = 2.0 * float(init[dq[-1].input[1]])
     assert _steps(q, shape, rng, cpu, arm_boards[cpu], tmp_path, n_kernels=1, step=step) <= 1.0001
+
+
+@pytest.mark.arm
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu", CPUS)
+def test_integer_residual_add_on_emulated_board(arm_boards, cpu, tmp_path):
+    rng = np.random.default_rng(22)
+    fp32, shape = _add_model(rng, True)
+    q = _quantize(fp32, shape, rng)
+    assert _steps(q, shape, rng, cpu, arm_boards[cpu], tmp_path, n_kernels=2) <= 1.0

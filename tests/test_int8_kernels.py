@@ -391,6 +391,56 @@ def test_depthwise_layers_match_onnxruntime(case, fixed_point, monkeypatch):
     assert _check(q, shape, rng, n_kernels=2) <= 1.0
 
 
+def _add_model(rng: np.random.Generator, act: bool):
+    """conv 1x1 -> relu, + the input (a residual add of two quantized tensors) [-> relu] -> conv 1x1."""
+    c, hw = 12, 10
+    w1 = (rng.standard_normal((c, c, 1, 1)) / 3).astype(np.float32)
+    w2 = (rng.standard_normal((16, c, 1, 1)) / 3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["ar"]),
+             helper.make_node("Add", ["ar", "x"], ["s"])]
+    src = "s"
+    if act:
+        nodes.append(helper.make_node("Relu", ["s"], ["sr"]))
+        src = "sr"
+    nodes.append(helper.make_node("Conv", [src, "w2"], ["y"]))
+    shape = (1, c, hw, hw)
+    return make_model(nodes, [("x", shape)], [("y", (1, 16, hw, hw))], [tensor("w1", w1), tensor("w2", w2)]), shape
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_integer_residual_add_matches_onnxruntime(act, monkeypatch):
+    """quantize(DQ(a) + DQ(b)) in int32 (the ARM micro-kernels' fixed-point path, forced here)."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    orig = int8.micro_kernel
+    monkeypatch.setattr(int8, "micro_kernel", lambda t: dataclasses.replace(orig(t), fixed_point=True))
+    rng = np.random.default_rng(21 + act)
+    fp32, shape = _add_model(rng, act)
+    q = _quantize(fp32, shape, rng)
+    target = _host()
+    with target:
+        rewritten = tvm.transform.Sequential(int8.int8_passes(target))(from_onnx(q, keep_params_in_input=False))
+    assert "R.right_shift" in str(rewritten["main"])  # the add is integer
+    assert _check(q, shape, rng, n_kernels=2) <= 1.0
+
+
+def test_integer_add_constants():
+    import numpy as np
+
+    # (scales with no exact ties: where the float reference itself lands on x.5 it rounds either way)
+    for sa, sb, sy in ((0.0213, 0.0377, 0.0419), (0.1031, 0.00117, 0.0097), (0.0511, 0.0493, 0.0557)):
+        ra, rb = sa / sy, sb / sy
+        shift = int(np.floor(np.log2(2.0**31 / (255.0 * (2.0 * (ra + rb) + 1.0)))))
+        ma, mb = round(ra * 2**shift), round(rb * 2**shift)
+        assert 255 * (ma + mb) + (255 << shift) + (1 << shift) < 2**31 and shift >= 12
+        a, b = np.arange(256)[:, None], np.arange(256)[None, :]
+        za, zb, zy = 3, 250, 17
+        got = (a * ma + b * mb + (zy << shift) + (1 << (shift - 1)) - za * ma - zb * mb) >> shift
+        ref = np.floor((sa * (a - za) + sb * (b - zb)) / sy + 0.5) + zy
+        assert np.abs(got - ref).max() <= 1 and (got != ref).mean() < 1e-3
+
+
 def test_depthwise_stays_float_without_the_flag():
     rng = np.random.default_rng(1)
     fp32, shape = _depthwise_model(rng, *DW_MODELS[0])

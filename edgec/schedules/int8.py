@@ -92,6 +92,10 @@ Depthwise convs (``groups == C``, one weight per channel and tap) on the ARM mic
 correction ``ib[c] = -z_x sum_t W[c, t] (+ b_q)`` and epilogue.  On x86 (Zen 4, plain
 ``vpmulld``) it is no faster than edgec's float depthwise schedule, so VNNI keeps the float one.
 
+Residual adds (the ARM micro-kernels, ``fixed_point``): ``quantize(act(DQ(a) + DQ(b)))`` of two
+uint8 tensors becomes ``clamp((a Ma + b Mb + c) >> S, lo, hi)`` in int32 Relax ops that TVM fuses
+into one element-wise kernel (see :class:`QAdd`; no float arithmetic, which qemu emulates slowly).
+
 The rewrite applies to every CPU target; int8 (signed) activations are left to the float path.
 """
 
@@ -937,6 +941,57 @@ def match_layer(g: _Graph, anchor: Any) -> QLayer | None:
     return layer
 
 
+@dataclasses.dataclass(frozen=True)
+class QAdd:
+    """``quantize(act(DQ(a) + DQ(b)))`` of two uint8 tensors (a residual add), in integers:
+    ``y = clamp((a Ma + b Mb + c) >> shift, lo, hi)`` with ``Ma = round(s_a / s_y 2^shift)``,
+    ``Mb`` alike and ``c = (z_y << shift) + 2^(shift-1) - z_a Ma - z_b Mb``; ``shift`` is the
+    largest keeping every term in int32 (``255 (Ma + Mb) + |c| < 2^31``)."""
+
+    a: Any
+    b: Any
+    ma: int
+    mb: int
+    c: int
+    shift: int
+    lo: int
+    hi: int
+
+
+def match_qadd(g: _Graph, anchor: Any) -> QAdd | None:
+    """The integer form of ``quantize([act](add(dequantize(a), dequantize(b))))``, or None."""
+    import numpy as np
+
+    if _op(anchor) != "relax.quantize" or str(anchor.attrs.out_dtype) != "uint8":
+        return None
+    sy, zy = _scalar(anchor.args[1]), _scalar(anchor.args[2])
+    if sy is None or zy is None or sy <= 0:
+        return None
+    e = g.single(anchor.args[0])
+    lo, hi = -math.inf, math.inf
+    while e is not None and _op(e) in _ACTS:
+        bnd = _act_bounds(e)
+        if bnd is None:
+            return None
+        lo, hi = max(lo, bnd[0]), min(hi, bnd[1])
+        e = g.single(e.args[0])
+    if e is None or _op(e) != "relax.add":
+        return None
+    xa, xb = _dequantized_input(g, e.args[0]), _dequantized_input(g, e.args[1])
+    if xa is None or xb is None or static_shape(xa[0]) is None or static_shape(xa[0]) != static_shape(xb[0]):
+        return None
+    ra, rb = xa[1] / sy, xb[1] / sy
+    shift = int(math.floor(math.log2(2.0**31 / (255.0 * (2.0 * (ra + rb) + 1.0)))))
+    if shift < 12 or shift > 30:
+        return None
+    ma, mb = int(round(ra * 2**shift)), int(round(rb * 2**shift))
+    c = (int(zy) << shift) + (1 << (shift - 1)) - xa[2] * ma - xb[2] * mb
+    zq = int(zy)
+    qlo = 0 if not math.isfinite(lo) else max(0, zq + int(np.round(lo / sy)))
+    qhi = 255 if not math.isfinite(hi) else min(255, zq + int(np.round(hi / sy)))
+    return QAdd(xa[0], xb[0], ma, mb, c, shift, qlo, max(qlo, qhi))
+
+
 def _extends(g: _Graph, var: Any) -> bool:
     """Whether ``var``'s only user would extend a layer ending at it (activation, quantize, bias)."""
     users = g.users.get(var, [])
@@ -1041,7 +1096,31 @@ def integer_qdq_pass(micro: MicroKernel = VNNI) -> Any:
                 layer = match_layer(g, e)
                 if layer is not None and self._kernel(binding, layer):
                     return True
+            if op == "relax.quantize" and micro.fixed_point and self._integer_add(binding, match_qadd(g, e)):
+                return True
             return self._propagate(binding, e, op)
+
+        def _integer_add(self, binding: Any, q: QAdd | None) -> bool:
+            """A residual add of two uint8 tensors in int32 (element-wise ops TVM fuses into one)."""
+            if q is None:
+                return False
+            both = q.a in self.nhwc and q.b in self.nhwc
+            if not both and (q.a in self.nhwc or q.b in self.nhwc):
+                return False
+            a, b = (self.nhwc[q.a], self.nhwc[q.b]) if both else (self._cur(q.a), self._cur(q.b))
+
+            def i32(v: int) -> Any:
+                return relax.const(np.int32(v))
+
+            t = relax.op.add(relax.op.multiply(relax.op.astype(a, "int32"), i32(q.ma)),
+                             relax.op.multiply(relax.op.astype(b, "int32"), i32(q.mb)))
+            t = relax.op.right_shift(relax.op.add(t, i32(q.c)), i32(q.shift))
+            y = relax.op.astype(relax.op.clip(t, q.lo, q.hi), "uint8")
+            if both:
+                self._set_nhwc(binding, y)
+            else:
+                self._emit(binding, y)
+            return True
 
         def _kernel(self, binding: Any, layer: QLayer) -> bool:
             x_shape = static_shape(layer.x_q)

@@ -409,12 +409,12 @@ def _add_model(rng: np.random.Generator, act: bool):
 
 @pytest.mark.parametrize("act", [False, True])
 def test_integer_residual_add_matches_onnxruntime(act, monkeypatch):
-    """quantize(DQ(a) + DQ(b)) in int32 (the ARM micro-kernels' fixed-point path, forced here)."""
+    """quantize(DQ(a) + DQ(b)) in int32 (as on the ARM micro-kernels, forced here)."""
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
     orig = int8.micro_kernel
-    monkeypatch.setattr(int8, "micro_kernel", lambda t: dataclasses.replace(orig(t), fixed_point=True))
+    monkeypatch.setattr(int8, "micro_kernel", lambda t: dataclasses.replace(orig(t), fixed_point=True, integer_add=True))
     rng = np.random.default_rng(21 + act)
     fp32, shape = _add_model(rng, act)
     q = _quantize(fp32, shape, rng)
@@ -490,7 +490,7 @@ def test_micro_kernel_chosen_from_target_features():
     assert int8.micro_kernel(tvm.target.Target({**x86, "mcpu": "cascadelake"})) == int8.VNNI
     assert int8.micro_kernel(tvm.target.Target({**x86, "mcpu": "haswell"})) == int8.generic_kernel(256, 16)
     assert int8.micro_kernel(tvm.target.Target({**x86, "mcpu": "skylake-avx512"})) == int8.generic_kernel(512, 32)
-    neon = int8.generic_kernel(128, 32, fixed_point=True, depthwise=True)
+    neon = int8.generic_kernel(128, 32, fixed_point=True, depthwise=True, integer_add=True)
     for name, want in (("cortex-a76", int8.SDOT), ("cortex-a72", neon), ("cortex-a53", neon), ("arm64", neon)):
         assert int8.micro_kernel(get_target(name).tvm_target()) == want, name
     assert int8.micro_kernel(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55"})) == int8.SDOT

@@ -92,7 +92,7 @@ Depthwise convs (``groups == C``, one weight per channel and tap) on the ARM mic
 correction ``ib[c] = -z_x sum_t W[c, t] (+ b_q)`` and epilogue.  On x86 (Zen 4, plain
 ``vpmulld``) it is no faster than edgec's float depthwise schedule, so VNNI keeps the float one.
 
-Residual adds (the ARM micro-kernels, ``fixed_point``): ``quantize(act(DQ(a) + DQ(b)))`` of two
+Residual adds (the ARM micro-kernels, ``integer_add``): ``quantize(act(DQ(a) + DQ(b)))`` of two
 uint8 tensors becomes ``clamp((a Ma + b Mb + c) >> S, lo, hi)`` in int32 Relax ops that TVM fuses
 into one element-wise kernel (see :class:`QAdd`; no float arithmetic, which qemu emulates slowly).
 
@@ -141,6 +141,7 @@ class MicroKernel:
     channel_tiles: tuple[int, ...] = (4, 3, 2, 1)
     fixed_point: bool = False  # requantize with an integer multiplier and shift (see requant_shift)
     depthwise: bool = False  # depthwise QDQ convs get the integer depthwise kernel (dw_primfunc) too
+    integer_add: bool = False  # residual adds of two quantized tensors in int32 (QAdd)
 
     @property
     def act_shift(self) -> int:
@@ -160,15 +161,16 @@ VNNI = MicroKernel("vnni", lanes=16, group=4, registers=32, intrin=VNNI_INTRIN)
 #: AArch64 with the dot-product extension (Cortex-A55/A76/...): ``sdot`` s8 x s8, 4 lanes x 4 taps,
 #: 32 q registers.
 SDOT = MicroKernel("sdot", lanes=4, group=4, registers=32, act_dtype="int8", intrin=SDOT_INTRIN,
-                   channel_tiles=(6, 5, 4, 3, 2, 1), fixed_point=True, depthwise=True)
+                   channel_tiles=(6, 5, 4, 3, 2, 1), fixed_point=True, depthwise=True, integer_add=True)
 
 
-def generic_kernel(vector_bits: int, registers: int, fixed_point: bool = False, depthwise: bool = False) -> MicroKernel:
+def generic_kernel(vector_bits: int, registers: int, fixed_point: bool = False, depthwise: bool = False,
+                   integer_add: bool = False) -> MicroKernel:
     """The plain widening kernel for a ``vector_bits`` SIMD unit with ``registers`` registers."""
     lanes = max(4, vector_bits // 32)
     tiles = (6, 5, 4, 3, 2, 1) if lanes <= 4 else (4, 3, 2, 1)
     return MicroKernel(f"generic{vector_bits}", lanes=lanes, group=1, registers=registers, weight_dtype="int16",
-                       channel_tiles=tiles, fixed_point=fixed_point, depthwise=depthwise)
+                       channel_tiles=tiles, fixed_point=fixed_point, depthwise=depthwise, integer_add=integer_add)
 
 
 def _has(target: Any, feature: str) -> bool:
@@ -189,7 +191,7 @@ def micro_kernel(target: Any) -> MicroKernel | None:
         return VNNI
     triple = str(target.attrs.get("mtriple", "")) if "mtriple" in target.attrs else ""
     if triple.startswith("aarch64") or _has(target, "neon"):
-        return SDOT if _has(target, "dotprod") else generic_kernel(128, 32, fixed_point=True, depthwise=True)
+        return SDOT if _has(target, "dotprod") else generic_kernel(128, 32, fixed_point=True, depthwise=True, integer_add=True)
     if _has(target, "avx512f"):
         return generic_kernel(512, 32)
     if _has(target, "avx2"):
@@ -1096,7 +1098,7 @@ def integer_qdq_pass(micro: MicroKernel = VNNI) -> Any:
                 layer = match_layer(g, e)
                 if layer is not None and self._kernel(binding, layer):
                     return True
-            if op == "relax.quantize" and micro.fixed_point and self._integer_add(binding, match_qadd(g, e)):
+            if op == "relax.quantize" and micro.integer_add and self._integer_add(binding, match_qadd(g, e)):
                 return True
             return self._propagate(binding, e, op)
 

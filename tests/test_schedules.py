@@ -577,3 +577,18 @@ def test_packed_convs_with_4_lane_vectors_match_onnxruntime(case):
     vm = relax.VirtualMachine(compile_module(from_onnx(model, keep_params_in_input=False), sse), tvm.cpu())
     y = vm["main"](tvm.runtime.tensor(x)).numpy()
     assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max()), case
+
+
+def test_strided_depthwise_unrolls_kernel_columns(parallel_always):
+    """Inlined padding (stride-2 depthwise): kernel-column loop unrolled; materialized padding
+    (stride 1) and dense convs keep it rolled.  Numerics: the depthwise cases above."""
+    from edgec.schedules.cpu import unroll_kernel_columns
+
+    assert unroll_kernel_columns(9, True) and not unroll_kernel_columns(9, False)
+    assert not unroll_kernel_columns(144, True)
+    cin, cout, k, stride, groups, hw, extra = PACKED_CASES["depthwise3x3_stride2"]
+    (s2,) = [s for n, s in _scheduled_funcs(conv_block(cin, cout, k, stride, groups, hw, **extra)).items() if "conv2d" in n]
+    assert "for rx in T.unroll(" in s2, s2
+    cin, cout, k, stride, groups, hw, extra = PACKED_CASES["depthwise3x3"]
+    (s1,) = [s for n, s in _scheduled_funcs(conv_block(cin, cout, k, stride, groups, hw, **extra)).items() if "conv2d" in n]
+    assert "for rx in T.unroll(" not in s1

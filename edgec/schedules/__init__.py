@@ -2,8 +2,8 @@
 
 Two hooks for the compile pipeline:
 
-- :func:`layout_passes` (Relax, before legalization): QDQ Conv/Gemm to integer VNNI kernels where
-  the target has them (see :mod:`edgec.schedules.int8`), then the channels-last conversion that
+- :func:`layout_passes` (Relax, before legalization): QDQ Conv/Gemm to integer kernels (VNNI,
+  ARM ``sdot`` or plain SIMD, by CPU features; see :mod:`edgec.schedules.int8`), then the channels-last conversion that
   the CPU rules rely on (see :mod:`edgec.schedules.layout`); an empty list where edgec has none.
 - :func:`default_schedule_pass` (after legalization and fusion, before lowering): a module pass
   applying edgec's schedules for that target (see :mod:`edgec.schedules.cpu`), or ``None``.

@@ -453,9 +453,9 @@ PACKED_CASES = {
     "depthwise7x7_stride2_odd_width": (96, 96, 7, 2, 96, 13, {}),
     "grouped3x3": (64, 128, 3, 1, 4, 9, {}),
     "grouped_stride2": (96, 96, 3, 2, 2, 10, {"bn": False}),
-    # few output vectors, long rows: (Tw, Tc) = (28, 1) / (20, 1) (cpu.narrow_tile)
+    # 1x1 to few output vectors, long rows: (Tw, Tc) = (28, 1) / (20, 1) (cpu.narrow_tile)
     "pointwise_narrow_long_rows": (96, 24, 1, 1, 1, 28, {}),
-    "dense3x3_narrow_long_rows_residual": (32, 32, 3, 1, 1, 20, {"bn": False, "residual": True}),
+    "pointwise_narrow_long_rows_no_bn": (64, 32, 1, 1, 1, 20, {"bn": False}),
 }
 
 
@@ -536,18 +536,19 @@ def schedules_layout(target):
 
 def test_narrow_dense_reductions_get_long_rows():
     """1x1 convs to few output vectors get one-vector tiles of up to 28 pixels (weights streamed
-    once per 28 pixels); depthwise (short reductions), wide outputs and short rows do not."""
+    once per 28 pixels); depthwise (short reductions), 3x3 convs, wide outputs and short rows do not."""
     from edgec.schedules.cpu import channel_tile, narrow_tile
 
     assert narrow_tile(3, 56, 144, 32) == (28, 1)
     assert narrow_tile(1, 112, 64, 32) == (28, 1)
     assert narrow_tile(1, 112, 32, 32) is None  # reduction under 64
-    assert narrow_tile(2, 20, 288, 32) == (20, 1)
+    assert narrow_tile(2, 20, 64, 32) == (20, 1)
+    assert narrow_tile(2, 56, 288, 32, pointwise=False) is None  # 3x3 convs keep the register tile
     assert narrow_tile(2, 28, 192, 16) == (14, 1)  # AVX2: 16 registers, Tw + 2 <= 16
     assert narrow_tile(3, 56, 9, 32) is None  # depthwise
     assert narrow_tile(4, 56, 144, 32) is None  # 4 vectors: the register tile
     assert narrow_tile(2, 7, 144, 32) is None  # short rows
-    t = channel_tile(24, 56, 56 * 56, 144 * 24 * 4, 16, 32, 144)
+    t = channel_tile(24, 56, 56 * 56, 144 * 24 * 4, 16, 32, 144, pointwise=True)
     assert (t.lanes, t.vectors, t.pixels, t.block) == (8, 1, 28, 8)
 
 
@@ -592,3 +593,15 @@ def test_strided_depthwise_unrolls_kernel_columns(parallel_always):
     cin, cout, k, stride, groups, hw, extra = PACKED_CASES["depthwise3x3"]
     (s1,) = [s for n, s in _scheduled_funcs(conv_block(cin, cout, k, stride, groups, hw, **extra)).items() if "conv2d" in n]
     assert "for rx in T.unroll(" not in s1
+
+
+def test_long_rows_only_for_pointwise_convs():
+    """The schedule and the packing agree on long rows: a 1x1 conv to 32 channels at 56 wide gets
+    16-channel blocks (one vector, 28 pixels), a 3x3 conv of the same shape its 32-channel tile
+    (unpacked: HWIO already is that layout)."""
+    one = _scheduled_funcs(conv_block(64, 32, 1, 1, 1, 56, bn=False))
+    three = _scheduled_funcs(conv_block(32, 32, 3, 1, 1, 56, bn=False))
+    (p1,) = [s for n, s in one.items() if "conv2d" in n]
+    assert "T.int64(2), T.int64(1), T.int64(1), T.int64(64), T.int64(16)" in p1  # [K/B, 1, 1, C, B]
+    assert "T.unroll(T.int64(28))" in p1
+    assert not any("conv2d_packed" in n for n in three), list(three)

@@ -194,9 +194,9 @@ _NARROW_VECTORS = 3
 _TW_LONG = 28
 
 
-def narrow_tile(c_vectors: int, w_ext: int, reduce_len: int, registers: int) -> tuple[int, int] | None:
-    """``(Tw, 1)``, a long row of output pixels one vector wide, for dense reductions with few output
-    vectors (1x1 convs to 16/24/32 channels), or None.
+def narrow_tile(c_vectors: int, w_ext: int, reduce_len: int, registers: int, pointwise: bool = True) -> tuple[int, int] | None:
+    """``(Tw, 1)``, a long row of output pixels one vector wide, for pointwise reductions (1x1 convs,
+    every reduction step one input channel) with few output vectors (to 16/24/32 channels), or None.
 
     There every register tile reads all ``C`` input channels' weights of its ``Tc*V`` outputs
     (``C*Tc*V`` floats) to produce ``Tw`` pixels, so the weight stream per output is ``C/Tw``:
@@ -205,9 +205,10 @@ def narrow_tile(c_vectors: int, w_ext: int, reduce_len: int, registers: int) -> 
     ``Tw + 2 <= registers``.  Measured (1 thread, AVX-512, warm): 1x1 conv 144 -> 24 at 56x56
     300 -> 226 us with ``(28, 1)`` instead of ``(8, 3)``, 32 -> 16 at 112x112 191 -> 174 us,
     192 -> 32 at 28x28 96 -> 87 us.  Depthwise convs (reduction 9-49) are excluded: 32 channels at
-    112x112 with ``(14, 2)`` ran 163 -> 271 us.
+    112x112 with ``(14, 2)`` ran 163 -> 271 us; so are 3x3 convs (``pointwise`` False): 32 -> 32
+    stride 2 at 112x112 565 -> 625 us with ``(28, 1)``.
     """
-    if reduce_len < _NARROW_MIN_REDUCTION or c_vectors > _NARROW_VECTORS or w_ext <= _TW_MAX:
+    if not pointwise or reduce_len < _NARROW_MIN_REDUCTION or c_vectors > _NARROW_VECTORS or w_ext <= _TW_MAX:
         return None
     for tw in range(min(_TW_LONG, w_ext, registers - 2), _TW_MAX, -1):
         if w_ext % tw == 0:
@@ -216,15 +217,23 @@ def narrow_tile(c_vectors: int, w_ext: int, reduce_len: int, registers: int) -> 
 
 
 def channel_tile(
-    c_ext: int, w_ext: int, pixels: int, weight_bytes: int, lanes: int, registers: int, reduce_len: int = 0
+    c_ext: int,
+    w_ext: int,
+    pixels: int,
+    weight_bytes: int,
+    lanes: int,
+    registers: int,
+    reduce_len: int = 0,
+    pointwise: bool = False,
 ) -> ChannelTile:
     """The tile of a reduction with ``c_ext`` output channels (innermost output axis), an output
-    row of ``w_ext`` pixels, ``pixels`` output pixels in all, ``weight_bytes`` of weights and
-    ``reduce_len`` multiply-adds per output."""
+    row of ``w_ext`` pixels, ``pixels`` output pixels in all, ``weight_bytes`` of weights,
+    ``reduce_len`` multiply-adds per output (``pointwise``: all over the innermost axis, a 1x1
+    conv or a matmul)."""
     v = _pick(c_ext, [lanes, lanes // 2, lanes // 4]) if lanes > 1 else 1
     if v < 4 and c_ext < lanes and c_ext > 1:
         v = c_ext  # narrow channels (e.g. 3): one short vector
-    tw, tc = narrow_tile(c_ext // v, w_ext, reduce_len, registers) or tile_shape(c_ext // v, w_ext, registers)
+    tw, tc = narrow_tile(c_ext // v, w_ext, reduce_len, registers, pointwise) or tile_shape(c_ext // v, w_ext, registers)
     streaming = pixels == 1 and weight_bytes >= _STREAM_MIN_BYTES
     if streaming:
         tw, tc = 1, stream_chunk(c_ext // v)
@@ -309,7 +318,8 @@ def schedule_reduction(func: Any, target: Any) -> Any | None:
     for lp in spatial[:-1]:
         pixels *= _extent(sch, lp) or 1
     weight_bytes = operand_bytes[1] if operand_bytes is not None else c_ext * reduce_len * 4
-    ct = channel_tile(c_ext, w_ext, pixels, weight_bytes, lanes, params.registers, reduce_len)
+    pointwise = reduce_len == (_extent(sch, reduce[-1]) or 0)
+    ct = channel_tile(c_ext, w_ext, pixels, weight_bytes, lanes, params.registers, reduce_len, pointwise)
     v, tw, tc, streaming = ct.lanes, ct.pixels, ct.vectors, ct.streaming
     if len(spatial) >= 2:
         w_loop = spatial[-2]

@@ -28,6 +28,20 @@ the conv instead: a conv that reads NCHW data and writes NHWC output,
 (``xp``: ``x`` zero-padded in NCHW, rows contiguous), the same sum as the transpose followed by
 the NHWC conv, term for term.  The register-tiled rule then broadcasts input scalars (as for any
 dense conv) while the output channel axis stays the vector axis.
+
+Weight packing (:func:`pack_weights`, last, needs the target).  The register tile of
+:mod:`edgec.schedules.cpu` computes ``B = Tc*V`` output channels at a time and, per reduction
+step ``(r, s, c)``, reads ``W[r, s, c, k0:k0+B]``: in HWIO that is ``B`` floats at a stride of
+``K``, and one tile's weights are spread over the whole tensor.  Constant weights are packed
+at compile time to ``Wp[k / B, r, s, c, k % B] = W[r, s, c, k]`` (``[K/B, KH, KW, Cg, B]``;
+matmul ``Wp[k / B, c, k % B] = W[c, k]``), so one tile's weights are one contiguous stream in
+reduction order, and the conv becomes edgec's TE compute
+
+``y[n, h, w, k] = sum_{r, s, c} xp[n, h*sh + r*dh, w*sw + s*dw, g(k)*Cg + c] * Wp[k / B, r, s, c, k % B]``
+
+(``g(k) = k / (K/groups)``), the same terms in the same order as TOPI's NHWC conv.  ``B`` comes
+from :func:`edgec.schedules.cpu.channel_tile` for the op's output shape, the function the
+schedule uses too, so the tile's ``k / B`` and ``k % B`` reduce to its loop variables.
 """
 
 from __future__ import annotations
@@ -305,9 +319,9 @@ def pack_weights(target: Any) -> Any:
     conv_op = tvm.ir.Op.get("relax.nn.conv2d")
     matmul_op = tvm.ir.Op.get("relax.matmul")
 
-    def block_for(k: int, w_ext: int, pixels: int, weight_bytes: int) -> int | None:
+    def block_for(k: int, w_ext: int, pixels: int, weight_bytes: int, pointwise: bool) -> int | None:
         reduce_len = weight_bytes // 4 // k
-        b = channel_tile(k, w_ext, pixels, weight_bytes, lanes, params.registers, reduce_len).block
+        b = channel_tile(k, w_ext, pixels, weight_bytes, lanes, params.registers, reduce_len, pointwise).block
         return b if 0 < b < k and k % b == 0 else None
 
     def f32(e: Any) -> bool:
@@ -341,7 +355,7 @@ def pack_weights(target: Any) -> Any:
             k = int(w.shape[3])
             if k % groups or shape[3] % groups or int(w.shape[2]) * groups != shape[3]:
                 return call
-            b = block_for(k, out[2], out[0] * out[1] * out[2], w.nbytes)
+            b = block_for(k, out[2], out[0] * out[1] * out[2], w.nbytes, int(w.shape[0]) * int(w.shape[1]) == 1)
             if b is None:
                 return call
             return self.builder_.call_te(
@@ -364,7 +378,7 @@ def pack_weights(target: Any) -> Any:
             a = call.attrs
             if a.out_dtype is not None and str(a.out_dtype) not in ("", "float32", "void"):
                 return call
-            b = block_for(int(w.shape[1]), shape[0], shape[0], w.nbytes)
+            b = block_for(int(w.shape[1]), shape[0], shape[0], w.nbytes, True)
             if b is None:
                 return call
             return self.builder_.call_te(matmul_packed, data, relax.const(pack_matrix(w, b)), primfunc_name_hint="matmul_packed")

@@ -118,6 +118,11 @@ def convert_layout_or_keep() -> Any:
     return _pass
 
 
+def _out_extent(size: int, pad_lo: int, pad_hi: int, kernel: int, dilation: int, stride: int) -> int:
+    """Output extent of one spatial axis of a convolution."""
+    return (size + pad_lo + pad_hi - (kernel - 1) * dilation - 1) // stride + 1
+
+
 def conv2d_nchw_to_nhwc(data: Any, kernel: Any, strides: Any, padding: Any, dilation: Any) -> Any:
     """TE conv2d reading ``data`` in NCHW, ``kernel`` in HWIO, writing NHWC (groups = 1)."""
     from tvm import te, topi
@@ -127,8 +132,7 @@ def conv2d_nchw_to_nhwc(data: Any, kernel: Any, strides: Any, padding: Any, dila
     sh, sw = (int(v) for v in strides)
     dh, dw = (int(v) for v in dilation)
     pt, pl, pb, pr = (int(v) for v in padding)
-    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
-    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    oh, ow = _out_extent(h, pt, pb, kh, dh, sh), _out_extent(w, pl, pr, kw, dw, sw)
     if pt or pl or pb or pr:
         data = topi.nn.pad(data, [0, 0, pt, pl], [0, 0, pb, pr], name="pad_temp")
     rc = te.reduce_axis((0, c), name="rc")
@@ -262,8 +266,7 @@ def conv2d_nhwc_packed(data: Any, wp: Any, strides: Any, padding: Any, dilation:
     sh, sw = (int(v) for v in strides)
     dh, dw = (int(v) for v in dilation)
     pt, pl, pb, pr = (int(v) for v in padding)
-    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
-    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    oh, ow = _out_extent(h, pt, pb, kh, dh, sh), _out_extent(w, pl, pr, kw, dw, sw)
     if pt or pl or pb or pr:
         data = topi.nn.pad(data, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp")
     ry = te.reduce_axis((0, kh), name="ry")

@@ -98,7 +98,7 @@ def float_path_module(mod, target):
 
     passes = (
         host.library_dispatch_passes(target)
-        + channels_last_passes()
+        + channels_last_passes(target)
         + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
            relax.transform.FuseOps(), relax.transform.FuseTIR()]
         + host.schedule_passes(target, None)

@@ -187,6 +187,53 @@ def test_residual_block_with_float_depthwise_and_gemm(target):
     assert _check(q, shape, rng, n_kernels=3, target=target) <= 1e-2
 
 
+def _mobileone_block(rng: np.random.Generator) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """A MobileOne training-form block: 1x1 conv -> relu -> (3x3 depthwise + 3x3 depthwise + 1x1
+    depthwise + BatchNorm identity) -> relu -> 1x1 conv; the BatchNorm (a float op on the dequantized
+    tensor) must stay NHWC with the rest."""
+    c = 24
+    shape = (1, 8, 10, 10)
+    inits = [tensor("w0", (rng.standard_normal((c, 8, 1, 1)) / 3).astype(np.float32)),
+             tensor("wa", (rng.standard_normal((c, 1, 3, 3)) / 3).astype(np.float32)),
+             tensor("wb", (rng.standard_normal((c, 1, 3, 3)) / 3).astype(np.float32)),
+             tensor("wc", (rng.standard_normal((c, 1, 1, 1))).astype(np.float32)),
+             tensor("bb", (rng.standard_normal(c) * 0.2).astype(np.float32)),
+             tensor("w2", (rng.standard_normal((16, c, 1, 1)) / 5).astype(np.float32))]
+    for name, v in (("g", rng.uniform(0.5, 1.5, c)), ("be", rng.standard_normal(c) * 0.3), ("mu", rng.standard_normal(c) * 0.3),
+                    ("var", rng.uniform(0.5, 2.0, c))):
+        inits.append(tensor(name, v.astype(np.float32)))
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"]), helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("Conv", ["ar", "wa", "bb"], ["da"], pads=[1, 1, 1, 1], group=c),
+        helper.make_node("Conv", ["ar", "wb"], ["db"], pads=[1, 1, 1, 1], group=c),
+        helper.make_node("Conv", ["ar", "wc"], ["dc"], group=c),
+        helper.make_node("BatchNormalization", ["ar", "g", "be", "mu", "var"], ["bn"]),
+        helper.make_node("Add", ["da", "db"], ["s1"]), helper.make_node("Add", ["s1", "dc"], ["s2"]),
+        helper.make_node("Add", ["s2", "bn"], ["s3"]), helper.make_node("Relu", ["s3"], ["sr"]),
+        helper.make_node("Conv", ["sr", "w2"], ["y"]),
+    ]
+    return make_model(nodes, [("x", shape)], [("y", (1, 16, 10, 10))], inits), shape
+
+
+def test_mobileone_block_batchnorm_branch_stays_nhwc():
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    rng = np.random.default_rng(5)
+    fp32, shape = _mobileone_block(rng)
+    q = _quantize(fp32, shape, rng)
+    assert "BatchNormalization" in [n.op_type for n in q.graph.node]
+    target = _host()
+    with target:
+        rewritten = tvm.transform.Sequential(int8.int8_passes(target))(from_onnx(q, keep_params_in_input=False))
+    text = str(rewritten["main"])
+    assert "R.nn.batch_norm" not in text
+    # only the model input is transposed (to NHWC) and the last conv's output (back to NCHW)
+    moves = [ln for ln in text.splitlines() if "R.permute_dims(lv" in ln and "(1, 10, 10" in ln or "R.permute_dims(lv" in ln and ", 10, 10)" in ln]
+    assert len(moves) <= 2, moves
+    assert _check(q, shape, rng, n_kernels=2) <= 1.0
+
+
 def _dense_model(rng: np.random.Generator, matmul: bool, act: str, m: int = 1) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     k, n = 37, 50
     w = (rng.standard_normal((k, n)) / 6).astype(np.float32)

@@ -56,8 +56,10 @@ Layout propagation.  TVM's ``ConvertLayout`` does not see through ``quantize``/`
 (the QDQ graph would get a transpose around every layer), so this pass keeps its own NHWC copy of
 every 4-D tensor reachable from an integer kernel through layout-free ops: element-wise ops with
 per-tensor (scalar) quantization parameters (residual ``DQ -> add -> Q``), ``relu``/``clip``,
-pooling (re-emitted with ``layout="NHWC"``), spatial means and float convs (depthwise and
-grouped QDQ convs stay float, re-emitted NHWC/HWIO, as edgec's fp32 channels-last layout does).
+pooling (re-emitted with ``layout="NHWC"``), spatial means, float convs (depthwise and
+grouped QDQ convs stay float, re-emitted NHWC/HWIO, as edgec's fp32 channels-last layout does) and
+inference batch norms (MobileOne's identity branch, a float BN of a dequantized tensor), re-emitted
+as the per-channel ``x g' + b'`` with ``g' = gamma / sqrt(var + eps)``, ``b' = beta - mean g'``.
 A consumer with no NHWC form reads a transpose back to NCHW; a kernel input with no NHWC form
 (the stem) transposes the uint8 tensor.  Unused NCHW values are removed.
 
@@ -1054,6 +1056,7 @@ def integer_qdq_pass(micro: MicroKernel = VNNI) -> Any:
             super().__init__(mod)
             self.g: _Graph | None = None
             self.nhwc: dict[Any, Any] = {}
+            self.bn_out: dict[Any, Any] = {}  # batch_norm tuple var -> its NHWC output
             self.kernels: dict[tuple[QConv, Tile], Any] = {}
             self.rewritten = 0
 
@@ -1081,7 +1084,7 @@ def integer_qdq_pass(micro: MicroKernel = VNNI) -> Any:
         # rules
         def visit_var_binding_(self, binding: Any) -> None:  # noqa: N802 (TVM's naming)
             try:
-                done = self._rewrite(binding)
+                done = self._tuple_item(binding) if isinstance(binding.value, relax.TupleGetItem) else self._rewrite(binding)
             except Exception:  # noqa: BLE001 - a layer the kernel cannot take keeps the float path
                 done = False
             if not done:
@@ -1100,7 +1103,45 @@ def integer_qdq_pass(micro: MicroKernel = VNNI) -> Any:
                     return True
             if op == "relax.quantize" and micro.integer_add and self._integer_add(binding, match_qadd(g, e)):
                 return True
+            if op == "relax.nn.batch_norm":
+                return self._batch_norm(binding, e)
             return self._propagate(binding, e, op)
+
+        def _tuple_item(self, binding: Any) -> bool:
+            """``batch_norm(...)[0]`` of a batch norm re-emitted NHWC by :meth:`_batch_norm`."""
+            e = binding.value
+            got = self.bn_out.get(e.tuple_value)
+            if got is None or int(e.index) != 0:
+                return False
+            self.nhwc[binding.var] = got
+            self._emit(binding, relax.op.permute_dims(got, _TO_NCHW))
+            return True
+
+        def _batch_norm(self, binding: Any, e: Any) -> bool:
+            """An inference batch norm (constant statistics) of an NHWC tensor as the per-channel
+            ``x * g / sqrt(v + eps) + (b - mu g / sqrt(v + eps))`` on the NHWC copy (MobileOne's
+            identity branch: a float BN on a dequantized tensor, added to the quantized branches).
+            The NCHW batch norm is emitted as well (removed as dead code when nothing reads it)."""
+            a = e.attrs
+            x = e.args[0]
+            shp = static_shape(x)
+            if not (isinstance(x, relax.Var) and x in self.nhwc) or shp is None or len(shp) != 4 or int(a.axis) not in (1, -3):
+                return False
+            if bool(getattr(a, "training", False)):
+                return False
+            params = [_const(p) for p in e.args[1:5]]
+            if any(p is None or p.size != shp[1] for p in params) or _dtype(x) != "float32":
+                return False
+            gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
+            if not bool(a.scale):
+                gamma = np.ones_like(gamma)
+            if not bool(a.center):
+                beta = np.zeros_like(beta)
+            g = gamma / np.sqrt(var + float(a.epsilon))
+            sc = relax.const(g.astype(np.float32).reshape(1, 1, 1, -1))
+            sh = relax.const((beta - mean * g).astype(np.float32).reshape(1, 1, 1, -1))
+            self.bn_out[binding.var] = self.builder_.emit(relax.op.add(relax.op.multiply(self.nhwc[x], sc), sh))
+            return False  # the original binding is emitted too
 
         def _integer_add(self, binding: Any, q: QAdd | None) -> bool:
             """A residual add of two uint8 tensors in int32 (element-wise ops TVM fuses into one)."""
@@ -1246,6 +1287,7 @@ def integer_qdq_pass(micro: MicroKernel = VNNI) -> Any:
             if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
                 rewriter.g = _Graph(func)
                 rewriter.nhwc = {}
+                rewriter.bn_out = {}
                 new = rewriter.visit_expr(func)
                 rewriter.builder_.update_func(gv, new)
         if rewriter.rewritten == 0:

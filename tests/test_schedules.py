@@ -62,7 +62,10 @@ def _scheduled_funcs(model):
 
 def conv_block(cin, cout, k, stride, groups, hw, *, bn=True, clip=True, residual=False, seed=0, stem=False, bias=True):
     """Conv (+BN, +residual, +ReLU6).  ``stem``: the conv reads the model input itself (and gets
-    the NCHW-reading stem conv); otherwise it reads ``Relu(x)``, a channels-last tensor."""
+    the NCHW-reading stem conv); otherwise it reads ``Relu(x)``, a channels-last tensor.
+    ``residual="sigmoid"``: the residual is ``Sigmoid`` of the conv's input (the input read twice,
+    not an identity branch: a plain residual of the conv's own input merges into its kernel, see
+    :mod:`edgec.schedules.branches`)."""
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((cout, cin // groups, k, k)) / np.sqrt(cin // groups * k * k)).astype(np.float32)
     b = rng.standard_normal(cout).astype(np.float32)
@@ -82,7 +85,11 @@ def conv_block(cin, cout, k, stride, groups, hw, *, bn=True, clip=True, residual
         ]
         nodes.append(helper.make_node("BatchNormalization", [last, "g", "be", "m", "v"], ["bn"]))
         last = "bn"
-    if residual:
+    if residual == "sigmoid":
+        nodes.append(helper.make_node("Sigmoid", [src], ["sig"]))
+        nodes.append(helper.make_node("Add", [last, "sig"], ["res"]))
+        last = "res"
+    elif residual:
         nodes.append(helper.make_node("Add", [last, src], ["res"]))
         last = "res"
     if clip:
@@ -97,7 +104,10 @@ def conv_block(cin, cout, k, stride, groups, hw, *, bn=True, clip=True, residual
 CONV_CASES = {
     # name: (cin, cout, k, stride, groups, hw, extra)
     "pointwise": (32, 48, 1, 1, 1, 14, {}),
-    "pointwise_residual": (24, 24, 1, 1, 1, 7, {"residual": True}),
+    # residual epilogue of another tensor (sigmoid of the input), and of the conv's own input
+    # (that one merges into the kernel: identity tap)
+    "pointwise_residual": (24, 24, 1, 1, 1, 7, {"residual": "sigmoid"}),
+    "pointwise_identity_residual_merged": (24, 24, 1, 1, 1, 7, {"residual": True}),
     "pointwise_narrow_out": (16, 24, 1, 1, 1, 9, {"clip": False}),
     "dense3x3_rgb_stride2": (3, 16, 3, 2, 1, 17, {}),
     "stem_rgb_3x3_stride2": (3, 16, 3, 2, 1, 17, {"stem": True}),
@@ -121,7 +131,9 @@ CONV_CASES = {
     # stems reading the NCHW model input directly (transpose folded into the conv)
     "stem_rgb_7x7_stride2": (3, 64, 7, 2, 1, 23, {"stem": True}),
     "stem_rgb_1x1_no_padding": (3, 8, 1, 1, 1, 6, {"bn": False, "stem": True}),
-    "stem_rgb_residual_input_read_twice": (3, 3, 3, 1, 1, 8, {"residual": True, "stem": True}),
+    "stem_rgb_residual_input_read_twice": (3, 3, 3, 1, 1, 8, {"residual": "sigmoid", "stem": True}),
+    # residual of the conv's own input: merged into the kernel as an identity tap
+    "stem_rgb_identity_residual_merged": (3, 3, 3, 1, 1, 8, {"residual": True, "stem": True}),
     "stem_16_channels_5x5": (16, 24, 5, 1, 1, 10, {"stem": True}),
 }
 
@@ -218,11 +230,14 @@ def test_input_transpose_folds_into_the_stem_conv(parallel_always):
     (stem,) = stems.values()
     assert "T.parallel" in stem and "T.vectorized" in stem and '"local"' in stem
     assert "(T.int64(1), T.int64(3), T.int64(17), T.int64(17))" in stem  # NCHW input buffer
-    # the input also read by the residual add: the conv still reads NCHW, the add keeps its own
-    # transpose of the input (numerics: CONV_CASES["stem_rgb_residual_input_read_twice"])
+    # the input also read by another op (the residual's sigmoid): the conv still reads the NCHW
+    # input (numerics: CONV_CASES["stem_rgb_residual_input_read_twice"])
+    script = _relax_ops_after_layout(conv_block(3, 3, 3, 1, 1, 8, residual="sigmoid", stem=True))
+    assert "R.call_tir(conv2d_nchw_nhwc, (x," in script and "R.nn.conv2d" not in script, script
+    assert "R.sigmoid(x)" in script, script
+    # a residual of the input itself is an identity tap of the merged kernel: no transpose left
     script = _relax_ops_after_layout(conv_block(3, 3, 3, 1, 1, 8, residual=True, stem=True))
-    assert "conv2d_nchw_nhwc" in script and "R.nn.conv2d" not in script
-    assert script.count("R.permute_dims(x") == 1, script
+    assert "conv2d_nchw_nhwc" in script and script.count("R.permute_dims(x") == 0, script
 
 
 @pytest.fixture
@@ -445,7 +460,7 @@ PACKED_CASES = {
     "dense3x3_bias": (32, 128, 3, 1, 1, 14, {"bn": False}),
     "dense3x3_stride2_pad": (24, 96, 3, 2, 1, 15, {}),
     "dense5x5_stride2_no_bias": (16, 128, 5, 2, 1, 11, {"bn": False, "clip": False, "bias": False}),
-    "pointwise_residual": (96, 96, 1, 1, 1, 7, {"residual": True}),
+    "pointwise_residual": (96, 96, 1, 1, 1, 7, {"residual": "sigmoid"}),
     "pointwise_odd_blocks": (40, 200, 1, 1, 1, 5, {}),
     "pointwise_wide_weights_outer": (320, 1280, 1, 1, 1, 3, {}),
     "depthwise3x3": (144, 144, 3, 1, 144, 14, {}),
@@ -605,3 +620,156 @@ def test_long_rows_only_for_pointwise_convs():
     assert "T.int64(2), T.int64(1), T.int64(1), T.int64(64), T.int64(16)" in p1  # [K/B, 1, 1, C, B]
     assert "T.unroll(T.int64(28))" in p1
     assert not any("conv2d_packed" in n for n in three), list(three)
+
+
+def _branch_model(branches, c=16, cout=None, hw=9, groups=1, seed=0, relu=True, extra_use=None):
+    """``y = relu(sum_b branch_b(x'))`` with ``x' = relu(x)`` (so the branches read a computed value).
+
+    Branches: ``("conv", k, stride, pads, bias, bn)`` (pads: ONNX ``[top, left, bottom, right]``),
+    ``("bn",)`` (BatchNormalization of ``x'``: the identity branch of RepVGG / MobileOne),
+    ``("id",)`` (``x'`` itself).  ``extra_use``: index of a branch whose output is also a model output.
+    """
+    rng = np.random.default_rng(seed)
+    cout = cout or c
+    nodes = [helper.make_node("Relu", ["x"], ["xr"])]
+    inits = []
+    outs = []
+    shape = None
+
+    def bn(src, dst, n, i):
+        inits.extend([
+            tensor(f"g{i}", rng.uniform(0.5, 1.5, n).astype(np.float32)),
+            tensor(f"be{i}", rng.standard_normal(n).astype(np.float32)),
+            tensor(f"m{i}", rng.standard_normal(n).astype(np.float32) * 0.1),
+            tensor(f"v{i}", rng.uniform(0.5, 1.5, n).astype(np.float32)),
+        ])
+        nodes.append(helper.make_node("BatchNormalization", [src, f"g{i}", f"be{i}", f"m{i}", f"v{i}"], [dst]))
+
+    for i, br in enumerate(branches):
+        out = f"b{i}"
+        if br[0] == "conv":
+            _, k, stride, pads, bias, with_bn = br
+            w = (rng.standard_normal((cout, c // groups, k, k)) / np.sqrt(c // groups * k * k)).astype(np.float32)
+            ins = ["xr", f"w{i}"]
+            inits.append(tensor(f"w{i}", w))
+            if bias:
+                inits.append(tensor(f"bias{i}", rng.standard_normal(cout).astype(np.float32)))
+                ins.append(f"bias{i}")
+            conv_out = f"c{i}" if with_bn else out
+            nodes.append(helper.make_node("Conv", ins, [conv_out], strides=[stride] * 2, pads=list(pads), group=groups))
+            if with_bn:
+                bn(conv_out, out, cout, i)
+            ho = (hw + pads[0] + pads[2] - k) // stride + 1
+        elif br[0] == "bn":
+            bn("xr", out, c, i)
+            ho = hw
+        else:
+            nodes.append(helper.make_node("Identity", ["xr"], [out]))
+            ho = hw
+        shape = shape or (1, cout, ho, ho)
+        outs.append(out)
+    last = outs[0]
+    for i, o in enumerate(outs[1:]):
+        nodes.append(helper.make_node("Add", [last, o], [f"s{i}"]))
+        last = f"s{i}"
+    nodes.append(helper.make_node("Relu" if relu else "Identity", [last], ["y"]))
+    outputs = [("y", shape)]
+    if extra_use is not None:
+        nodes.append(helper.make_node("Identity", [outs[extra_use]], ["y2"]))
+        outputs.append(("y2", shape))
+    return make_model(nodes, [("x", (1, c, hw, hw))], outputs, inits), (1, c, hw, hw)
+
+
+# name: (branches, model kwargs, convs left after the merge)
+BRANCH_CASES = {
+    # RepVGG block: 3x3 + 1x1 (+ BN each) + BN identity -> one 3x3 conv
+    "repvgg_3x3_1x1_bn_identity": (
+        [("conv", 3, 1, [1, 1, 1, 1], False, True), ("conv", 1, 1, [0, 0, 0, 0], False, True), ("bn",)], {}, 1),
+    # MobileOne depthwise stage: several depthwise 3x3 + depthwise 1x1 + identity BN
+    "mobileone_depthwise": (
+        [("conv", 3, 1, [1, 1, 1, 1], False, True), ("conv", 3, 1, [1, 1, 1, 1], False, True),
+         ("conv", 1, 1, [0, 0, 0, 0], False, True), ("bn",)], {"c": 24, "groups": 24}, 1),
+    # grouped convs, biases and no BN, plain identity (x itself)
+    "grouped_bias_identity": (
+        [("conv", 3, 1, [1, 1, 1, 1], True, False), ("conv", 1, 1, [0, 0, 0, 0], True, False), ("id",)],
+        {"c": 32, "groups": 4}, 1),
+    # no bias at all (no BN, no conv bias): no add of a bias after the merged conv
+    "no_bias": ([("conv", 3, 1, [1, 1, 1, 1], False, False), ("conv", 1, 1, [0, 0, 0, 0], False, False)], {"relu": False}, 1),
+    # stride 2, 3x3 pad 1 + 1x1 pad 0 (MobileOne's stem and downsampling), channels change
+    "stride2_3x3_1x1": (
+        [("conv", 3, 2, [1, 1, 1, 1], False, True), ("conv", 1, 2, [0, 0, 0, 0], False, True)], {"cout": 40, "hw": 10}, 1),
+    # 1x1 padded on top/left only, stride 2, odd input: its tap is the 3x3's corner, not its centre
+    "stride2_1x1_corner_tap": (
+        [("conv", 3, 2, [1, 1, 1, 1], True, False), ("conv", 1, 2, [1, 1, 0, 0], True, False)], {"hw": 9}, 1),
+    # 5x5 pad 2 + 3x3 pad 1 + 1x1 pad 0: nested offsets 0, 1, 2
+    "5x5_3x3_1x1": (
+        [("conv", 5, 1, [2, 2, 2, 2], True, False), ("conv", 3, 1, [1, 1, 1, 1], False, True),
+         ("conv", 1, 1, [0, 0, 0, 0], True, False)], {}, 1),
+    # different strides with equal output sizes (3x3 stride 2 pad 1 and 5x5 stride 1 pad 0 on 8x8): NO merge
+    "different_strides_stay_separate": (
+        [("conv", 3, 2, [1, 1, 1, 1], True, False), ("conv", 5, 1, [0, 0, 0, 0], True, False)], {"hw": 8}, 2),
+    # a branch whose output is read elsewhere too keeps its conv (the other two still merge)
+    "branch_read_twice": (
+        [("conv", 3, 1, [1, 1, 1, 1], False, True), ("conv", 1, 1, [0, 0, 0, 0], False, True), ("bn",)],
+        {"extra_use": 1}, 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BRANCH_CASES))
+def test_parallel_conv_branches_merge_into_one_conv(case):
+    """Sums of parallel conv / BN / identity branches of one input compile to one conv where they
+    line up (same input, stride, groups) and give onnxruntime's outputs; others stay separate."""
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgec.schedules import compile_module
+
+    branches, kw, n_convs = BRANCH_CASES[case]
+    model, shape = _branch_model(branches, **kw)
+    script = _relax_ops_after_layout(model)
+    # plain, packed or NCHW-reading convs alike
+    assert script.count("R.nn.conv2d(") + script.count("R.call_tir(conv2d_") == n_convs, case
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    vm = relax.VirtualMachine(compile_module(from_onnx(model, keep_params_in_input=False), _host()), tvm.cpu())
+    for seed in (1, 2):
+        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        refs = sess.run(None, {"x": x})
+        out = vm["main"](tvm.runtime.tensor(x))
+        ys = [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+        assert len(ys) == len(refs)
+        for y, ref in zip(ys, refs):
+            assert y.shape == ref.shape
+            assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * float(np.abs(ref).max()), case
+
+
+def test_branch_merge_weights():
+    """The merged kernel: each branch's kernel at its offset, identity as ``s[c]`` at
+    ``[c, c mod C/g]``, biases summed (numpy, no TVM build)."""
+    from edgec.schedules.branches import _Branch, _identity_kernel, merge
+
+    rng = np.random.default_rng(0)
+    w3, w1 = rng.standard_normal((8, 2, 3, 3)), rng.standard_normal((8, 2, 1, 1))
+    b3, b1 = rng.standard_normal(8), rng.standard_normal(8)
+    s = rng.standard_normal(8)
+    common = dict(x=None, strides=(1, 1), dilation=(1, 1), groups=4, identity=False)
+    m = merge(
+        [
+            _Branch(weight=w3, bias=b3, padding=(1, 1, 1, 1), **common),
+            _Branch(weight=w1, bias=b1, padding=(0, 0, 0, 0), **common),
+            _Branch(weight=_identity_kernel(s, 8, 4), bias=np.zeros(8), padding=(0, 0, 0, 0), **common),
+        ],
+        (6, 6),
+        (6, 6),
+    )
+    expect = w3.copy()
+    expect[:, :, 1, 1] += w1[:, :, 0, 0]
+    expect[np.arange(8), np.arange(8) % 2, 1, 1] += s
+    assert m.padding == (1, 1, 1, 1) and m.weight.shape == (8, 2, 3, 3)
+    np.testing.assert_array_equal(m.weight, expect)
+    np.testing.assert_array_equal(m.bias, b3 + b1)
+    # taps that cannot line up (dilation 2, pads 1 and 0: offset 1/2) do not merge
+    d2 = dict(common, dilation=(2, 2))
+    assert merge([_Branch(weight=w3, bias=b3, padding=(1, 1, 1, 1), **d2),
+                  _Branch(weight=w1, bias=b1, padding=(0, 0, 0, 0), **d2)], (6, 6), (4, 4)) is None

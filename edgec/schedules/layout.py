@@ -402,10 +402,12 @@ def pack_weights(target: Any) -> Any:
 
 def channels_last_passes(target: Any | None = None) -> list[Any]:
     """Relax passes before legalization: BN/bias folding into conv weights (:mod:`edgec.schedules.fold`),
+    parallel conv branches of one input merged into one conv (:mod:`edgec.schedules.branches`),
     clip canonicalization, NHWC/HWIO, weight folding; with a ``target``, weight packing for its
     register tiles (:func:`pack_weights`)."""
     from tvm import relax
 
+    from edgec.schedules.branches import merge_conv_branches
     from edgec.schedules.fold import fold_conv_affine
 
     passes = [
@@ -413,6 +415,7 @@ def channels_last_passes(target: Any | None = None) -> list[Any]:
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
         fold_conv_affine(),
+        merge_conv_branches(),
         canonicalize_clip(),
         convert_layout_or_keep(),
         relax.transform.FoldConstant(),

@@ -515,6 +515,25 @@ def test_tiles_fit_registers_and_cover_the_output(micro):
             assert t.tw * t.tc + t.tc + 1 <= micro.budget < micro.registers
             assert t.out_width % t.tw == 0 and t.out_width >= ow and t.out_width - ow < t.tw
             assert t.k_blocks % t.tc == 0 and t.k_blocks * micro.lanes >= k
+            assert int8.fits_stack(t.tw * t.tc * micro.lanes * 4)  # the accumulator tile stays in registers
+
+
+@pytest.mark.parametrize("conv", [int8.QConv(112, 112, 16, 96), int8.QConv(14, 14, 64, 256, (3, 3), padding=(1, 1, 1, 1)),
+                                  int8.QConv(9, 9, 5, 21, (3, 3), strides=(2, 2), padding=(1, 0, 1, 2))],
+                         ids=lambda c: f"{c.in_channels}to{c.out_channels}_k{c.kernel[0]}")
+def test_kernel_allocates_no_workspace_per_tile(conv):
+    """The accumulator tile and the intrinsic's operands are stack values (LLVM registers), not a
+    ``TVMBackendAllocWorkspace`` call per tile of the parallel loop (which cost up to 2.5x on
+    short reductions)."""
+    import tvm
+
+    tile = int8.choose_tile(conv)
+    func = int8.conv_primfunc(conv, tile)
+    llvm_ir = tvm.tirx.build(tvm.IRModule({"main": func}), target=_host()).inspect_source("ll")
+    # workspace allocations: "%name = tail call ptr %fn(i32 1 (cpu), i32 %dev_id, i64 bytes, ...)"
+    allocs = [ln.split("=")[0].strip() for ln in llvm_ir.splitlines() if "tail call ptr %" in ln and "(i32 1, i32 %dev_id, i64" in ln]
+    assert allocs in ([], ["%pad"]), allocs  # at most the input copy, once per call (on the stack when small)
+    assert allocs == [] or int8.needs_pad(conv, tile)
 
 
 def test_pack_weight_layout():

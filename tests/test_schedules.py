@@ -60,6 +60,12 @@ def _scheduled_funcs(model):
     return {gv.name_hint: f.script() for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
 
 
+def _has_accumulator_tile(script):
+    """The reduction accumulates into its own buffer (zeroed by a decomposed init block) that an
+    epilogue or write-back block copies out per tile."""
+    return "T.sblock_alloc_buffer" in script and '_init")' in script
+
+
 def conv_block(cin, cout, k, stride, groups, hw, *, bn=True, clip=True, residual=False, seed=0, stem=False, bias=True):
     """Conv (+BN, +residual, +ReLU6).  ``stem``: the conv reads the model input itself (and gets
     the NCHW-reading stem conv); otherwise it reads ``Relu(x)``, a channels-last tensor.
@@ -228,7 +234,7 @@ def test_input_transpose_folds_into_the_stem_conv(parallel_always):
     stems = {n: s for n, s in funcs.items() if "conv2d_nchw_nhwc" in n}
     assert len(stems) == 1, list(funcs)
     (stem,) = stems.values()
-    assert "T.parallel" in stem and "T.vectorized" in stem and '"local"' in stem
+    assert "T.parallel" in stem and "T.vectorized" in stem and _has_accumulator_tile(stem)
     assert "(T.int64(1), T.int64(3), T.int64(17), T.int64(17))" in stem  # NCHW input buffer
     # the input also read by another op (the residual's sigmoid): the conv still reads the NCHW
     # input (numerics: CONV_CASES["stem_rgb_residual_input_read_twice"])
@@ -258,7 +264,7 @@ def test_rules_fire_on_every_conv_form(parallel_always):
         for name, script in convs.items():
             assert "T.parallel" in script, (case, name)
             assert "T.vectorized" in script, (case, name)
-            assert '"local"' in script, (case, name)  # accumulator tile
+            assert _has_accumulator_tile(script), (case, name)
             assert "transpose" not in name, (case, name)  # epilogue stayed channels-last
     funcs = _scheduled_funcs(head_model())
     gemm = [s for n, s in funcs.items() if "matmul" in n]
@@ -773,3 +779,28 @@ def test_branch_merge_weights():
     d2 = dict(common, dilation=(2, 2))
     assert merge([_Branch(weight=w3, bias=b3, padding=(1, 1, 1, 1), **d2),
                   _Branch(weight=w1, bias=b1, padding=(0, 0, 0, 0), **d2)], (6, 6), (4, 4)) is None
+
+
+def test_short_reductions_keep_their_accumulator_tile_on_the_stack():
+    """Reductions under 256 taps get tiles of at most 15 vectors of 16 floats (under TVM's 1024-byte
+    stack limit), in a "global"-scope buffer: no workspace allocation per tile.  The packing uses
+    the same tile (its block), numerics: the depthwise / pointwise cases above."""
+    from edgec.schedules.cpu import ACCUMULATOR_SCOPE, STACK_ALLOCA_BYTES, channel_tile, stack_tile_vectors
+
+    assert ACCUMULATOR_SCOPE == "global"
+    assert stack_tile_vectors(16) == 15 and stack_tile_vectors(8) == 31 and stack_tile_vectors(4) == 63
+    # (c_out, width, taps, pointwise): depthwise 3x3 of MobileNetV2, 1x1 convs, a dense 3x3
+    for c, w, taps, pw in ((144, 56, 9, False), (32, 112, 9, False), (576, 14, 9, False), (960, 7, 9, False),
+                           (576, 14, 96, True), (384, 14, 64, True), (64, 56, 576, False)):
+        t = channel_tile(c, w, w * w, taps * c * 4, 16, 32, taps, pw)
+        assert c % t.block == 0 and w % t.pixels == 0, (c, w)
+        if taps < 256:
+            assert t.pixels * t.vectors * t.lanes * 4 < STACK_ALLOCA_BYTES, (c, w, taps, t)
+    # dense convs keep the uncapped tile (many reduction steps per tile: the allocation is amortized)
+    from edgec.schedules.cpu import tile_shape
+
+    t = channel_tile(64, 56, 56 * 56, 576 * 64 * 4, 16, 32, 576, False)
+    assert (t.pixels, t.vectors) == tile_shape(4, 56, 32) and t.pixels * t.vectors > 15
+    cin, cout, k, stride, groups, hw, extra = PACKED_CASES["depthwise3x3"]
+    (script,) = [s for n, s in _scheduled_funcs(conv_block(cin, cout, k, stride, groups, hw, **extra)).items() if "conv2d" in n]
+    assert 'scope="local"' not in script and _has_accumulator_tile(script)

@@ -179,12 +179,13 @@ def _residual_model(rng: np.random.Generator) -> tuple[onnx.ModelProto, tuple[in
 
 @pytest.mark.parametrize("target", ["host", "haswell"])
 def test_residual_block_with_float_depthwise_and_gemm(target):
-    """Integer 1x1 convs and Gemm, float depthwise, residual add / maxpool / GAP in NHWC."""
+    """Integer 1x1 convs and Gemm, depthwise (integer with the host's VNNI kernel, float with the
+    plain AVX2 one), residual add / maxpool / GAP in NHWC."""
     rng = np.random.default_rng(3)
     fp32, shape = _residual_model(rng)
     q = _quantize(fp32, shape, rng)
     # the Gemm's output is float (relative error); its int32 result and bias are exact
-    assert _check(q, shape, rng, n_kernels=3, target=target) <= 1e-2
+    assert _check(q, shape, rng, n_kernels=4 if target == "host" else 3, target=target) <= 1e-2
 
 
 def _mobileone_block(rng: np.random.Generator) -> tuple[onnx.ModelProto, tuple[int, ...]]:
@@ -439,7 +440,7 @@ def test_depthwise_layers_match_onnxruntime(case, fixed_point, monkeypatch):
     """Depthwise QDQ convs through the rewrite (as on ARM, where micro-kernels take them; forced on
     this host's VNNI micro-kernel here) match onnxruntime within one step."""
     orig = int8.micro_kernel
-    monkeypatch.setattr(int8, "micro_kernel", lambda t: dataclasses.replace(orig(t), depthwise=True, fixed_point=fixed_point))
+    monkeypatch.setattr(int8, "micro_kernel", lambda t: dataclasses.replace(orig(t), depthwise=True, depthwise_max_taps=1 << 20, fixed_point=fixed_point))
     rng = np.random.default_rng(case[0])
     fp32, shape = _depthwise_model(rng, *case)
     q = _quantize(fp32, shape, rng)
@@ -496,12 +497,24 @@ def test_integer_add_constants():
         assert np.abs(got - ref).max() <= 1 and (got != ref).mean() < 1e-3
 
 
-def test_depthwise_stays_float_without_the_flag():
+def test_depthwise_stays_float_without_the_flag(monkeypatch):
     rng = np.random.default_rng(1)
     fp32, shape = _depthwise_model(rng, *DW_MODELS[0])
     q = _quantize(fp32, shape, rng)
-    assert not int8.micro_kernel(_host()).depthwise
+    orig = int8.micro_kernel
+    monkeypatch.setattr(int8, "micro_kernel", lambda t: dataclasses.replace(orig(t), depthwise=False))
     assert _check(q, shape, rng, n_kernels=1) <= 1.0  # the 1x1 conv only
+
+
+def test_host_depthwise_3x3_integer_5x5_float():
+    """On this host (VNNI) 3x3 depthwise convs get the integer kernel, 5x5 ones stay float."""
+    micro = int8.micro_kernel(_host())
+    assert micro.depthwise and micro.depthwise_max_taps == 9
+    for i, case in enumerate(DW_MODELS):
+        rng = np.random.default_rng(40 + i)
+        fp32, shape = _depthwise_model(rng, *case)
+        q = _quantize(fp32, shape, rng)
+        assert _check(q, shape, rng, n_kernels=2 if case[4] == 3 else 1) <= 1.0
 
 
 @pytest.mark.parametrize("micro", [int8.VNNI, int8.SDOT, int8.generic_kernel(128, 32), int8.generic_kernel(256, 16)],

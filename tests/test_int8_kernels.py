@@ -653,3 +653,22 @@ def test_zoo_mcunet_int8_end_to_end(zoo_onnx):
         own = float(np.abs(int8_sess.run(None, {specs[0].name: x})[0] - ref).max())
         got = vm["main"](tvm.runtime.tensor(x)).numpy()
         assert float(np.abs(got - ref).max()) <= 2 * own + 1e-3 * float(np.abs(ref).max())
+
+
+def test_elementwise_uint8_vectors_do_not_straddle_channel_rows():
+    """The QDQ residual adds the integer kernels leave in float (dequantize, add, quantize on uint8
+    NHWC tensors with 48 channels): the vector width divides the channel count (64 uint8 lanes over
+    48 channels turned every lane into a scalar access)."""
+    from tvm import te, tirx
+
+    from edgec.schedules import cpu
+
+    a = te.placeholder((1, 5, 5, 48), "uint8", name="a")
+    b = te.placeholder((1, 5, 5, 48), "uint8", name="b")
+    y = te.compute(a.shape, lambda *i: tirx.max(a(*i).astype("float32") * 0.5 + b(*i).astype("float32") * 0.25, 0.0).astype("uint8"),
+                   name="y")
+    sch = cpu.schedule_injective(te.create_prim_func([a, b, y]), _host())
+    loops = [l for l in sch.get_loops(sch.get_sblock("y")) if sch.get(l).kind == tirx.ForKind.VECTORIZED]
+    assert len(loops) == 1
+    width = int(sch.get(loops[0]).extent)
+    assert width >= 4 and 48 % width == 0

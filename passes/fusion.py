@@ -72,6 +72,7 @@ import onnx_ir as ir
 
 from edgec.passes_api import Pass, PassOption, PassResult, PassStats, register_pass, registry
 
+from .reparam import REASSOCIATION_TOLERANCE
 from ._match import (
     Affine,
     bn_affine,
@@ -724,6 +725,7 @@ def _parse_bool(text: str) -> bool:
 class Fuse(Pass):
     name = "fuse"
     summary = "all fusion and reparameterization passes in the recommended order, to a fixed point"
+    tolerance = REASSOCIATION_TOLERANCE  # it runs reparam and collapse-linear
     options = (PassOption("--fuse-rounds", "max_rounds", "fixed-point rounds of `fuse` (default 4)", int, "N"),)
 
     def __init__(self, max_rounds: int = 4) -> None:

@@ -15,6 +15,7 @@ from onnx import helper
 
 from edgec import ir as eir
 from edgec import verify
+from edgec.passes.reparam import REASSOCIATION_TOLERANCE
 from edgec.passes_api import registry
 from edgec.pipeline import Pipeline
 
@@ -91,8 +92,8 @@ def ops(proto: onnx.ModelProto) -> collections.Counter:
     return collections.Counter(n.op_type for n in proto.graph.node)
 
 
-def assert_equivalent(ref: onnx.ModelProto, got: onnx.ModelProto) -> None:
-    report = verify.compare_models(ref, got, tolerance=TOL, samples=2)
+def assert_equivalent(ref: onnx.ModelProto, got: onnx.ModelProto, tol: verify.Tolerance = TOL) -> None:
+    report = verify.compare_models(ref, got, tolerance=tol, samples=2)
     assert report.passed, report.summary()
 
 
@@ -376,7 +377,8 @@ def test_zoo_reparam_matches_deploy_form(zoo_onnx, name, kwargs) -> None:
     assert ops(out) == ops(deploy)
     assert eir.count_params(report.model) == eir.count_params(eir.from_proto(deploy))
     assert report.final.passed
-    assert_equivalent(train, out)
+    # deep random-weight nets with 4-5 summed branches per block: float rounding up to ~1.4e-4 of range
+    assert_equivalent(train, out, REASSOCIATION_TOLERANCE)
     merged = sum(v for k, v in report.steps[0].stats.matched.items() if "reparam[" in k)
     assert merged > 0 and "Add" not in ops(out)
 

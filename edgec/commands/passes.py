@@ -7,6 +7,14 @@ import click
 from edgec import console
 
 
+def _numerics(tolerance) -> str:
+    """How a pass treats the model's numbers: exact, float rounding (reassociated sums), approximate."""
+    if tolerance is None:
+        return "exact"
+    kind = "float rounding" if tolerance.rtol <= 1e-3 else "approximate"
+    return f"{kind} (rtol {tolerance.rtol:g})"
+
+
 @click.command("passes")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def command(as_json: bool) -> None:
@@ -24,7 +32,7 @@ def command(as_json: bool) -> None:
             (
                 cls.name if is_edgec and cls.name else cls.__name__,
                 cls.summary if is_edgec else next(iter((cls.__doc__ or "").strip().splitlines()), ""),
-                "exact" if not is_edgec or cls.tolerance is None else "approximate",
+                _numerics(cls.tolerance if is_edgec else None),
                 " ".join(o.flag for o in cls.options) if is_edgec else "",
             )
         )

@@ -385,21 +385,6 @@ def rewrite_function(func: Any) -> Any:
 
 def merge_conv_branches() -> Any:
     """A module pass merging sums of parallel conv / identity branches of one input into one conv."""
-    import tvm
-    from tvm import relax
+    from edgec.schedules.fold import function_rewrite_pass
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecMergeConvBranches")
-    def _pass(mod: Any, _ctx: Any) -> Any:
-        out = mod
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                try:
-                    new = rewrite_function(func)
-                except Exception:  # noqa: BLE001 - merging is an optimization; keep the function as it was
-                    new = func
-                if new is not func:
-                    out = tvm.IRModule(dict(out.functions_items()), attrs=out.attrs)
-                    out[gv] = new
-        return relax.transform.DeadCodeElimination()(out) if out is not mod else mod
-
-    return _pass
+    return function_rewrite_pass("EdgecMergeConvBranches", rewrite_function)

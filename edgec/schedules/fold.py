@@ -34,7 +34,7 @@ instead of a subtract, a divide, a multiply and an add.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 _OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
 
@@ -236,19 +236,21 @@ def rewrite_function(func: Any) -> Any:
         return relax.Function(func.params, new_body, func.ret_ty, func.is_pure, func.attrs, func.span)
 
 
-def fold_conv_affine() -> Any:
-    """A module pass folding per-channel affine chains after ``conv2d`` into its weights + bias."""
+def function_rewrite_pass(name: str, rewrite: Callable[[Any], Any]) -> Any:
+    """A module pass applying ``rewrite`` (a Relax function -> the same or a new function) to every
+    Relax function, then dead-code elimination if anything changed.  A rewrite that raises leaves
+    its function as it was: these rewrites are optimizations, never needed for correctness."""
     import tvm
     from tvm import relax
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecFoldConvAffine")
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod: Any, _ctx: Any) -> Any:
         out = mod
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 try:
-                    new = rewrite_function(func)
-                except Exception:  # noqa: BLE001 - folding is an optimization; keep the function as it was
+                    new = rewrite(func)
+                except Exception:  # noqa: BLE001 - an optimization; keep the function as it was
                     new = func
                 if new is not func:
                     out = tvm.IRModule(dict(out.functions_items()), attrs=out.attrs)
@@ -256,3 +258,8 @@ def fold_conv_affine() -> Any:
         return relax.transform.DeadCodeElimination()(out) if out is not mod else mod
 
     return _pass
+
+
+def fold_conv_affine() -> Any:
+    """A module pass folding per-channel affine chains after ``conv2d`` into its weights + bias."""
+    return function_rewrite_pass("EdgecFoldConvAffine", rewrite_function)

@@ -1,0 +1,134 @@
+"""Same-run A/B of edgec's fp32 schedule library: each model compiled once per *variant* in one
+process, timed interleaved with onnxruntime (rounds x 5 runs, medians), ratios printed per variant.
+
+A variant switches one feature of the library off by monkeypatching it (this script only; the
+library has no switches):
+
+  new       the library as it is
+  nomerge   no merge of parallel conv branches (edgec.schedules.branches)
+  oldacc    accumulator tiles in "local" scope, no stack cap (edgec.schedules.cpu)
+  base      nomerge + oldacc (the library of the fourth session)
+  cap64     stack cap for reductions under 64 taps instead of 256
+  nopack    no weight pre-packing (edgec.schedules.layout.pack_weights)
+  nounroll  no kernel-column unroll for stride-2 depthwise
+  nonarrow  no long rows for narrow 1x1 convs
+  inlinedw  depthwise padding inlined instead of a padded copy
+
+Usage (environment: T = threads for both runtimes, default 1; NOSPIN=1 turns onnxruntime's
+spinning off):
+
+  T=1 python bench/ab_fp32.py mcunet,mobilenet_v2 base,new 8
+
+Exported models are cached in ~/.cache/edgec/ab.  Used for the before/after tables of
+bench/RESULTS.md, "Schedule library vs onnxruntime (issue 7, fp32, host CPU)".
+"""
+import os, sys, time, statistics
+os.environ["TVM_NUM_THREADS"] = os.environ.get("T", "1")
+import numpy as np, onnxruntime as ort, tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import from_onnx
+from edgec.export import export_zoo_model, quiet
+from edgec import schedules
+from edgec.schedules import layout, cpu
+from edgec.targets import get_target
+import contextlib
+
+CACHE = os.path.expanduser("~/.cache/edgec/ab")
+os.makedirs(CACHE, exist_ok=True)
+
+@contextlib.contextmanager
+def variant(name):
+    saved = {}
+    if name == "nomerge":
+        import edgec.schedules.branches as br
+        saved["merge"] = br.merge_conv_branches
+        br.merge_conv_branches = lambda: tvm.transform.module_pass(lambda m, c: m, opt_level=0, name="nop")
+    if name == "base":
+        import edgec.schedules.branches as br
+        saved["merge"] = br.merge_conv_branches
+        br.merge_conv_branches = lambda: tvm.transform.module_pass(lambda m, c: m, opt_level=0, name="nop")
+        saved["acc"] = (cpu.ACCUMULATOR_SCOPE, cpu.stack_tile_vectors)
+        cpu.ACCUMULATOR_SCOPE = "local"
+        cpu.stack_tile_vectors = lambda *a, **k: 10**6
+    if name == "cap64":
+        saved["cap"] = cpu._STACK_TILE_MAX_REDUCTION
+        cpu._STACK_TILE_MAX_REDUCTION = 64
+    if name == "oldacc":
+        saved["acc"] = (cpu.ACCUMULATOR_SCOPE, cpu.stack_tile_vectors)
+        cpu.ACCUMULATOR_SCOPE = "local"
+        cpu.stack_tile_vectors = lambda *a, **k: 10**6
+    if name == "nopack":
+        saved["pack"] = layout.pack_weights
+        layout.pack_weights = lambda target: tvm.transform.module_pass(lambda m, c: m, opt_level=0, name="nop")
+    if name == "nounroll":
+        saved["unroll"] = cpu.unroll_kernel_columns
+        cpu.unroll_kernel_columns = lambda *a: False
+    if name == "nonarrow":
+        saved["narrow"] = cpu.narrow_tile
+        cpu.narrow_tile = lambda *a: None
+    if name == "inlinedw":
+        saved["mat"] = cpu._materialize_producers
+        cpu._materialize_producers = lambda r, i, o, f=saved["mat"]: False if r <= 49 else f(r, i, o)
+    for k, v in [kv.split("=") for kv in os.environ.get("ENV_" + name.upper(), "").split(",") if kv]:
+        os.environ[k] = v
+    try:
+        yield
+    finally:
+        if "unroll" in saved:
+            cpu.unroll_kernel_columns = saved["unroll"]
+        if "narrow" in saved:
+            cpu.narrow_tile = saved["narrow"]
+        if "mat" in saved:
+            cpu._materialize_producers = saved["mat"]
+        if "cap" in saved:
+            cpu._STACK_TILE_MAX_REDUCTION = saved["cap"]
+        if "acc" in saved:
+            cpu.ACCUMULATOR_SCOPE, cpu.stack_tile_vectors = saved["acc"]
+        if "merge" in saved:
+            import edgec.schedules.branches as br
+            br.merge_conv_branches = saved["merge"]
+        if "pack" in saved:
+            layout.pack_weights = saved["pack"]
+
+def build(proto, name):
+    target = get_target("host").tvm_target()
+    with variant(name):
+        ex = schedules.compile_module(from_onnx(proto, keep_params_in_input=False), target)
+    return relax.VirtualMachine(ex, tvm.cpu())
+
+variants = sys.argv[2].split(",") if len(sys.argv) > 2 else ["nopack", "new"]
+rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 10
+for name in sys.argv[1].split(","):
+    import onnx
+    cache = os.path.join(CACHE, f"{name}.onnx")
+    if os.path.exists(cache):
+        proto = onnx.load(cache)
+    else:
+        with quiet():
+            proto = export_zoo_model(name)
+        onnx.save(proto, cache)
+    inp = proto.graph.input[0]
+    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    so = ort.SessionOptions(); so.intra_op_num_threads = int(os.environ["TVM_NUM_THREADS"]); so.inter_op_num_threads = 1
+    if os.environ.get("NOSPIN"):
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {inp.name: x})[0]
+    xt = tvm.runtime.tensor(x)
+    runs = {"ort": lambda: sess.run(None, {inp.name: x})}
+    errs = {}
+    for v in variants:
+        vm = build(proto, v)
+        out = vm["main"](xt)
+        errs[v] = float(np.abs(out.numpy() - ref).max())
+        runs[v] = (lambda vm=vm: vm["main"](xt))
+    times = {k: [] for k in runs}
+    for f in runs.values(): f()
+    for _ in range(rounds):
+        for k, f in runs.items():
+            for _ in range(5):
+                t = time.perf_counter(); f(); times[k].append((time.perf_counter() - t) * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    la = os.getloadavg()[0]
+    print(f"{name:24s} load {la:.1f} ort {med['ort']:.2f} ms | " + " | ".join(f"{v} {med[v]:.2f} ({med[v]/med['ort']:.2f}x, err {errs[v]:.1e})" for v in variants), flush=True)

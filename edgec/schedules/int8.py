@@ -116,6 +116,7 @@ import dataclasses
 import math
 from typing import Any
 
+from edgec.schedules.cpu import STACK_ALLOCA_BYTES
 from edgec.schedules.fold import static_shape
 
 #: name of edgec's 16x4 u8 x s8 -> s32 VNNI tensor intrinsic (TVM 0.27's own ``dot_16x4_vnni``
@@ -351,8 +352,9 @@ class Tile:
 
 #: TVM keeps a function-local buffer on the stack (where LLVM promotes it to registers) only when
 #: its scope is "global" and it is smaller than this (``runtime::kMaxStackAlloca``); anything else
-#: becomes a ``TVMBackendAllocWorkspace`` call, here once per tile of the parallel loop
-MAX_STACK_BYTES = 1024
+#: becomes a ``TVMBackendAllocWorkspace`` call, here once per tile of the parallel loop.  The same
+#: constant the fp32 rules use (:data:`edgec.schedules.cpu.STACK_ALLOCA_BYTES`).
+MAX_STACK_BYTES = STACK_ALLOCA_BYTES
 
 
 #: score factor of a tile that adds an input copy (see :func:`choose_tile`)

@@ -24,6 +24,7 @@ from test_int8_kernels import (
     _depthwise_model,
     _output_scale,
     _quantize,
+    _repvgg_block,
     _residual_model,
 )
 
@@ -91,7 +92,7 @@ def _steps(proto, shape, rng, cpu, remote, tmp_path, n_kernels: int, step: float
     return worst
 
 
-ARM_CONV_CASES = [CONV_CASES[i] for i in (0, 2, 3, 5)]  # 1x1; 3x3 s2 asymmetric pads, 5 -> 21 ch; 3 -> 16 clip; 5x5 12 -> 70
+ARM_CONV_CASES = [CONV_CASES[i] for i in (0, 2, 3, 5, 6)]  # 1x1; 3x3 s2 asymmetric pads, 5 -> 21 ch; 3 -> 16 clip; 5x5 12 -> 70; 3x3 64 -> 64 (sdot by element)
 
 
 @pytest.mark.arm
@@ -152,3 +153,16 @@ def test_integer_residual_add_on_emulated_board(arm_boards, cpu, tmp_path):
     fp32, shape = _add_model(rng, True)
     q = _quantize(fp32, shape, rng)
     assert _steps(q, shape, rng, cpu, arm_boards[cpu], tmp_path, n_kernels=2) <= 1.0
+
+
+@pytest.mark.arm
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu", CPUS)
+@pytest.mark.parametrize("pool", [False, True], ids=["sum", "pool_sum"])
+def test_integer_sum_with_batchnorm_and_pool_on_emulated_board(arm_boards, cpu, pool, tmp_path):
+    """RepVGG's three-way sum with the batch-norm identity branch in int32 (per-channel multipliers),
+    the stem's max pool on uint8; the 3x3 conv over 16 channels uses ``sdot`` by element on the A76."""
+    rng = np.random.default_rng(31 + pool)
+    fp32, shape = _repvgg_block(rng, pool)
+    q = _quantize(fp32, shape, rng)
+    assert _steps(q, shape, rng, cpu, arm_boards[cpu], tmp_path, n_kernels=4) <= 1.0

@@ -672,3 +672,78 @@ def test_elementwise_uint8_vectors_do_not_straddle_channel_rows():
     assert len(loops) == 1
     width = int(sch.get(loops[0]).extent)
     assert width >= 4 and 48 % width == 0
+
+
+def _repvgg_block(rng: np.random.Generator, pool: bool = False) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """A RepVGG training-form block: 1x1 conv -> relu [-> 3x3 max pool] -> (3x3 conv + 1x1 conv +
+    BatchNorm identity) -> relu -> 1x1 conv.  The three-way sum with the float batch norm is one
+    integer element-wise kernel on the ARM micro-kernels (QSum), the pool a uint8 pool."""
+    c, hw = 16, 10
+    shape = (1, 8, hw, hw)
+    inits = [tensor("w0", (rng.standard_normal((c, 8, 1, 1)) / 3).astype(np.float32)),
+             tensor("wa", (rng.standard_normal((c, c, 3, 3)) / 12).astype(np.float32)),
+             tensor("ba", (rng.standard_normal(c) * 0.2).astype(np.float32)),
+             tensor("wb", (rng.standard_normal((c, c, 1, 1)) / 4).astype(np.float32)),
+             tensor("w2", (rng.standard_normal((12, c, 1, 1)) / 5).astype(np.float32))]
+    # gamma of both signs: negative per-channel multipliers
+    for name, v in (("g", rng.uniform(0.5, 1.5, c) * np.where(np.arange(c) % 3 == 0, -1, 1)), ("be", rng.standard_normal(c) * 0.3),
+                    ("mu", rng.standard_normal(c) * 0.3), ("var", rng.uniform(0.5, 2.0, c))):
+        inits.append(tensor(name, v.astype(np.float32)))
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"]), helper.make_node("Relu", ["a"], ["ar"])]
+    src = "ar"
+    if pool:
+        nodes.append(helper.make_node("MaxPool", ["ar"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+        src = "p"
+        hw = (hw + 2 - 3) // 2 + 1
+    nodes += [
+        helper.make_node("Conv", [src, "wa", "ba"], ["da"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", [src, "wb"], ["db"]),
+        helper.make_node("BatchNormalization", [src, "g", "be", "mu", "var"], ["bn"]),
+        helper.make_node("Add", ["da", "db"], ["s1"]), helper.make_node("Add", ["s1", "bn"], ["s2"]),
+        helper.make_node("Relu", ["s2"], ["sr"]), helper.make_node("Conv", ["sr", "w2"], ["y"]),
+    ]
+    return make_model(nodes, [("x", shape)], [("y", (1, 12, hw, hw))], inits), shape
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["sum", "pool_sum"])
+def test_integer_sum_with_batchnorm_and_uint8_pool(pool, monkeypatch):
+    """quantize(relu(DQ(a) + DQ(b) + BN(DQ(x)))) in int32 with per-channel multipliers, and
+    quantize(max_pool(DQ(x))) as a uint8 pool (as on the ARM micro-kernels, forced here): within one
+    output step of onnxruntime, no float op left between the integer kernels."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    orig = int8.micro_kernel
+    monkeypatch.setattr(int8, "micro_kernel", lambda t: dataclasses.replace(orig(t), fixed_point=True, integer_add=True))
+    rng = np.random.default_rng(31 + pool)
+    fp32, shape = _repvgg_block(rng, pool)
+    q = _quantize(fp32, shape, rng)
+    assert "BatchNormalization" in [n.op_type for n in q.graph.node]
+    target = _host()
+    with target:
+        rewritten = tvm.transform.Sequential(int8.int8_passes(target))(from_onnx(q, keep_params_in_input=False))
+    lines = str(rewritten["main"]).splitlines()
+    assert not [ln for ln in lines if "R.nn.batch_norm" in ln or "R.add(" in ln and 'dtype="float32"' in ln]
+    assert len([ln for ln in lines if "R.right_shift" in ln]) == 1
+    assert len([ln for ln in lines if "R.dequantize(" in ln]) == 1  # the model output only
+    pools = [ln for ln in lines if "R.nn.max_pool2d" in ln]
+    assert len(pools) == pool and all('dtype="uint8"' in ln and 'layout="NHWC"' in ln for ln in pools)
+    assert _check(q, shape, rng, n_kernels=4) <= 1.0
+
+
+def test_integer_sum_constants():
+    """QSum's fixed-point numbers against the float sum, over every uint8 value of each term."""
+    rng = np.random.default_rng(7)
+    for sa, sx, sy in ((0.0213, 0.0377, 0.0419), (0.1031, 0.00117, 0.0097)):
+        gain, bias = rng.uniform(-1.5, 1.5, 4), rng.standard_normal(4) * 0.3
+        ra, rx = sa / sy, sx * np.abs(gain).max() / sy
+        denom = 255.0 * (2.0 * (ra + rx) + 1.0) + float(np.abs(bias / sy).max()) + 1.0
+        shift = int(np.floor(np.log2(2.0**31 / denom)))
+        ma, mx = round(ra * 2**shift), np.round(sx * gain / sy * 2**shift).astype(np.int64)
+        za, zx, zy = 3, 250, 17
+        c = np.round(bias / sy * 2**shift).astype(np.int64) + (zy << shift) + (1 << (shift - 1)) - za * ma - zx * mx
+        a, x = np.arange(256)[:, None, None], np.arange(256)[None, :, None]
+        got = (a * ma + x * mx + c) >> shift
+        assert np.abs(a * ma + x * mx + c).max() < 2**31
+        ref = np.floor((sa * (a - za) + (sx * (x - zx)) * gain + bias) / sy + 0.5) + zy
+        assert np.abs(got - ref).max() <= 1 and (got != ref).mean() < 1e-3

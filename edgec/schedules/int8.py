@@ -125,6 +125,9 @@ from edgec.schedules.fold import static_shape
 VNNI_INTRIN = "edgec_dot_16x4_u8i8i32_vnni"
 #: name of edgec's 4x4 s8 x s8 -> s32 ARM dot-product (``sdot``) tensor intrinsic
 SDOT_INTRIN = "edgec_dot_4x4_i8i8i32_sdot"
+#: name of edgec's 4 lanes x 16 taps ``sdot`` intrinsic: one 16-byte input load, four by-element
+#: ``sdot v.4s, w.16b, x.4b[g]`` (see :attr:`MicroKernel.block`)
+SDOT_LANE_INTRIN = "edgec_dot_4x16_i8i8i32_sdot_lane"
 
 MAX_TW = 8
 
@@ -157,6 +160,8 @@ class MicroKernel:
     depthwise_shared_float: bool = False  # ... except where the dequantized input feeds other ops too
     integer_add: bool = False  # residual adds of two quantized tensors in int32 (QAdd)
     broadcast_cost: float = 1.0  # cost of an input broadcast relative to a weight-vector load (choose_tile)
+    block: int = 1  # groups per call of block_intrin (one input vector load serves ``block`` dot products)
+    block_intrin: str | None = None
 
     @property
     def act_shift(self) -> int:
@@ -180,8 +185,12 @@ VNNI = MicroKernel("vnni", lanes=16, group=4, registers=32, intrin=VNNI_INTRIN, 
                    depthwise_shared_float=True, broadcast_cost=0.5)
 #: AArch64 with the dot-product extension (Cortex-A55/A76/...): ``sdot`` s8 x s8, 4 lanes x 4 taps,
 #: 32 q registers.
+#: Where the input channels are a multiple of 16, ``block`` = 4 groups per call of the by-element
+#: intrinsic (:data:`SDOT_LANE_INTRIN`): one 16-byte load of 16 input channels serves four ``sdot``
+#: by element, instead of one ``ld1r`` (plus an address add) per ``sdot`` row.
 SDOT = MicroKernel("sdot", lanes=4, group=4, registers=32, act_dtype="int8", intrin=SDOT_INTRIN,
-                   channel_tiles=(6, 5, 4, 3, 2, 1), fixed_point=True, depthwise=True, integer_add=True)
+                   channel_tiles=(6, 5, 4, 3, 2, 1), fixed_point=True, depthwise=True, integer_add=True,
+                   block=4, block_intrin=SDOT_LANE_INTRIN)
 
 
 def generic_kernel(vector_bits: int, registers: int, fixed_point: bool = False, depthwise: bool = False,
@@ -292,6 +301,89 @@ def register_intrinsics(micro: MicroKernel = VNNI) -> str | None:
     return name
 
 
+def register_block_intrinsic(micro: MicroKernel) -> str | None:
+    """Register ``micro``'s block intrinsic (``lanes`` outputs x ``block * group`` taps, weights
+    ``[block, lanes, group]``) with TVM (once per process); returns its name, None without one.
+
+    ARM ``sdot`` by element: ``C += sum_g sdot(W[g], dup(x32[g]))`` where ``x32`` is the 16-byte
+    input read as 4 int32 lanes and ``dup`` repeats lane ``g`` (LLVM selects
+    ``sdot v.4s, w.16b, x.4b[g]``).  The expression repeats the input load instead of naming it
+    (a named temporary would be a workspace allocation per tile); LLVM loads it once."""
+    from tvm.s_tir import TensorIntrin
+
+    name = micro.block_intrin
+    if name is None or TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    from tvm.script import tirx as T
+
+    assert name == SDOT_LANE_INTRIN and micro.lanes == 4 and micro.group == 4 and micro.block == 4
+    taps = micro.block * micro.group
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((taps,), "int8", offset_factor=1),
+        B: T.Buffer((4, 4, 4), "int8", offset_factor=1),
+        C: T.Buffer((4,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:taps], B[0:4, 0:4, 0:4])
+            T.writes(C[0:4])
+            for i in T.serial(0, 4):
+                for g in T.serial(0, 4):
+                    for k in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vg, vk = T.axis.remap("SRR", [i, g, k])
+                            C[vi] = C[vi] + T.cast(A[vg * 4 + vk], "int32") * T.cast(B[vg, vi, vk], "int32")
+
+    sdot = "llvm.aarch64.neon.sdot.v4i32.v16i8"
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((taps,), "int8", offset_factor=1),
+        B: T.Buffer((4, 4, 4), "int8", offset_factor=1),
+        C: T.Buffer((4,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:taps], B[0:4, 0:4, 0:4])
+            T.writes(C[0:4])
+            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(sdot),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(sdot),
+                    T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(sdot),
+                        T.call_llvm_pure_intrin(
+                            T.llvm_lookup_intrinsic_id(sdot),
+                            C.vload([0], dtype="int32x4"),
+                            B.vload([0, 0, 0], dtype="int8x16"),
+                            T.reinterpret(T.Shuffle([T.reinterpret(A.vload([0], "int8x16"), dtype="int32x4")], [0, 0, 0, 0]), dtype="int8x16"),
+                            dtype="int32x4",
+                        ),
+                        B.vload([1, 0, 0], dtype="int8x16"),
+                        T.reinterpret(T.Shuffle([T.reinterpret(A.vload([0], "int8x16"), dtype="int32x4")], [1, 1, 1, 1]), dtype="int8x16"),
+                        dtype="int32x4",
+                    ),
+                    B.vload([2, 0, 0], dtype="int8x16"),
+                    T.reinterpret(T.Shuffle([T.reinterpret(A.vload([0], "int8x16"), dtype="int32x4")], [2, 2, 2, 2]), dtype="int8x16"),
+                    dtype="int32x4",
+                ),
+                B.vload([3, 0, 0], dtype="int8x16"),
+                T.reinterpret(T.Shuffle([T.reinterpret(A.vload([0], "int8x16"), dtype="int32x4")], [3, 3, 3, 3]), dtype="int8x16"),
+                dtype="int32x4",
+            )
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    return name
+
+
+def conv_block(conv: QConv, micro: MicroKernel) -> int:
+    """Groups per intrinsic call for ``conv``: ``micro.block`` where the input channel groups are a
+    multiple of it (16 channels for ``sdot``), else 1."""
+    if micro.block > 1 and micro.block_intrin is not None and conv.c_groups(micro) % micro.block == 0:
+        return micro.block
+    return 1
+
+
 # --- one integer layer -------------------------------------------------------------------------
 
 
@@ -382,14 +474,18 @@ def choose_tile(conv: QConv, micro: MicroKernel = VNNI) -> Tile:
     _, ow = conv.out_hw
     ko = conv.k_blocks(micro)
     direct = not needs_pad(conv, Tile(1, 1, ow, ko, False, micro))
+    blk = conv_block(conv, micro)
     best: tuple[float, Tile] | None = None
     for tc in micro.channel_tiles:
         kop = -(-ko // tc) * tc
         for tw in range(1, MAX_TW + 1):
-            if tw * tc + tc + 1 > micro.budget or not fits_stack(tw * tc * micro.lanes * 4):
+            if tw * tc + blk * tc + 1 > micro.budget or not fits_stack(tw * tc * micro.lanes * 4):
                 continue
             owp = -(-ow // tw) * tw
-            score = (tw * tc / (tc + micro.broadcast_cost * tw)) * (ow / owp) * (ko / kop)
+            if blk > 1:  # per block of taps: tw input vectors and blk*tc weight vectors for blk*tw*tc dot products
+                score = (tw * tc / (tc + tw / blk)) * (ow / owp) * (ko / kop)
+            else:
+                score = (tw * tc / (tc + micro.broadcast_cost * tw)) * (ow / owp) * (ko / kop)
             if direct and owp != ow:
                 score *= PAD_PENALTY
             if best is None or score > best[0] + 1e-9:
@@ -588,6 +684,9 @@ def conv_primfunc(conv: QConv, tile: Tile) -> Any:
     micro = tile.micro
     lanes, group = micro.lanes, micro.group
     intrin = register_intrinsics(micro)
+    blk = conv_block(conv, micro)
+    if blk > 1:
+        intrin = register_block_intrinsic(micro)
     oh, ow = conv.out_hw
     owp = tile.out_width
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel, conv.strides, conv.dilation
@@ -644,7 +743,11 @@ def conv_primfunc(conv: QConv, tile: Tile) -> Any:
     n, i, j, k, r_h, r_w, r_c, r_i = sch.get_loops(block)
     j_o, j_i = sch.split(j, [None, tile.tw])
     k_o, k_m, k_i = sch.split(k, [None, tile.tc, lanes])
-    inner = [r_c, j_i, k_m, k_i, r_i] if intrin is not None else [r_c, r_i, j_i, k_m, k_i]
+    if blk > 1:  # blk groups (one input vector) per intrinsic call
+        r_c, r_g = sch.split(r_c, [None, blk])
+        inner = [r_c, j_i, k_m, k_i, r_g, r_i]
+    else:
+        inner = [r_c, j_i, k_m, k_i, r_i] if intrin is not None else [r_c, r_i, j_i, k_m, k_i]
     if tile.channels_outside:
         sch.reorder(k_o, n, i, j_o, r_h, r_w, *inner)
         fused = sch.fuse(k_o, n, i, j_o)
@@ -1038,6 +1141,155 @@ def match_qadd(g: _Graph, anchor: Any) -> QAdd | None:
     return QAdd(xa[0], xb[0], ma, mb, c, shift, qlo, max(qlo, qhi))
 
 
+@dataclasses.dataclass(frozen=True)
+class QSum:
+    """``quantize(act(sum_i T_i))`` in integers, where each term ``T_i`` is ``DQ(q_i)`` of a uint8
+    tensor or an inference batch norm of one, ``DQ(q_i) g_i + b_i`` per channel (RepVGG's and
+    MobileOne's identity branch next to the conv branches): with ``r_i[c] = s_i g_i[c] / s_y``,
+
+    ``y = clamp((sum_i q_i M_i[c] + C[c]) >> shift, lo, hi)``,
+    ``M_i = round(r_i 2^shift)``, ``C = round(sum_i b_i / s_y 2^shift) + (z_y << shift) + 2^(shift-1) - sum_i z_i M_i``
+
+    (``g_i = 1``, ``b_i = 0`` for a plain term; two plain terms are :class:`QAdd`'s numbers).  ``shift``
+    is the largest keeping every partial sum in int32; the rounded multipliers are off by at most
+    ``255 * n / 2^(shift+1)`` output steps (``shift >= 12``), so the result is within one step of the
+    float ``round``.  ``mults[i]`` and ``c`` are ints (per tensor) or int64 arrays over the channels."""
+
+    terms: tuple[Any, ...]
+    mults: tuple[Any, ...]
+    c: Any
+    shift: int
+    lo: int
+    hi: int
+
+    @property
+    def per_channel(self) -> bool:
+        return not isinstance(self.c, int) or any(not isinstance(m, int) for m in self.mults)
+
+
+def _bn_term(g: _Graph, e: Any) -> tuple[Any, float, int, Any, Any] | None:
+    """``(q, s, z, gain[C], bias[C])`` if ``e`` is ``batch_norm(dequantize(q uint8, s, z), consts)[0]``
+    (inference form, channel axis 1), else None."""
+    import numpy as np
+    from tvm import relax
+
+    if not isinstance(e, relax.TupleGetItem) or int(e.index) != 0:
+        return None
+    bn = g.value(e.tuple_value)  # (its mean / variance outputs may be bound too, unused)
+    if _op(bn) != "relax.nn.batch_norm" or bool(getattr(bn.attrs, "training", False)) or int(bn.attrs.axis) not in (1, -3):
+        return None
+    x = bn.args[0]
+    dq = _dequantized_input(g, x)
+    shp = static_shape(x)
+    if dq is None or shp is None or len(shp) != 4:
+        return None
+    params = [_const(p) for p in bn.args[1:5]]
+    if any(p is None or p.size != shp[1] for p in params):
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
+    if not bool(bn.attrs.scale):
+        gamma = np.ones_like(gamma)
+    if not bool(bn.attrs.center):
+        beta = np.zeros_like(beta)
+    gain = gamma / np.sqrt(var + float(bn.attrs.epsilon))
+    return dq[0], dq[1], dq[2], gain, beta - mean * gain
+
+
+def match_qsum(g: _Graph, anchor: Any, max_terms: int = 8) -> QSum | None:
+    """The integer form of ``quantize([act](T_1 + T_2 + ...)))`` (see :class:`QSum`), or None.
+    Every intermediate add is used once; the terms have one shape."""
+    import numpy as np
+
+    if _op(anchor) != "relax.quantize" or str(anchor.attrs.out_dtype) != "uint8":
+        return None
+    sy, zy = _scalar(anchor.args[1]), _scalar(anchor.args[2])
+    if sy is None or zy is None or sy <= 0:
+        return None
+    e = g.single(anchor.args[0])
+    lo, hi = -math.inf, math.inf
+    while e is not None and _op(e) in _ACTS:
+        bnd = _act_bounds(e)
+        if bnd is None:
+            return None
+        lo, hi = max(lo, bnd[0]), min(hi, bnd[1])
+        e = g.single(e.args[0])
+    if e is None or _op(e) != "relax.add":
+        return None
+    leaves: list[Any] = []
+    stack = [e]
+    while stack:  # flatten the add tree (intermediate adds used once)
+        cur = stack.pop()
+        for a in cur.args:
+            v = g.single(a)
+            if v is not None and _op(v) == "relax.add" and _dtype(a) == "float32":
+                stack.append(v)
+            else:
+                leaves.append(a)
+        if len(leaves) + len(stack) > max_terms:
+            return None
+    shape = None
+    terms: list[tuple[Any, float, int, Any, Any]] = []
+    for a in leaves:
+        dq = _dequantized_input(g, a)
+        if dq is not None:
+            terms.append((dq[0], dq[1], dq[2], None, None))
+        else:
+            bn = _bn_term(g, g.value(a))
+            if bn is None:
+                return None
+            terms.append(bn)
+        shp = static_shape(terms[-1][0])
+        if shp is None or (shape is not None and shp != shape):
+            return None
+        shape = shp
+    if len(terms) < 2 or shape is None:
+        return None
+    has_bn = any(t[3] is not None for t in terms)
+    if has_bn and len(shape) != 4:
+        return None
+    nc = shape[1] if has_bn else 1
+    ratios = [(t[1] / sy) * (t[3] if t[3] is not None else np.ones(nc)) for t in terms]
+    bias = sum((t[4] for t in terms if t[4] is not None), np.zeros(nc)) / sy
+    rsum = float(sum(np.abs(r).max() for r in ratios))
+    denom = 255.0 * (2.0 * rsum + 1.0) + (float(np.abs(bias).max()) + 1.0 if has_bn else 0.0)
+    shift = int(math.floor(math.log2(2.0**31 / denom)))
+    if shift < 12 or shift > 30:
+        return None
+    mults = [np.round(r * 2.0**shift).astype(np.int64) for r in ratios]
+    c = np.round(bias * 2.0**shift).astype(np.int64) + (int(zy) << shift) + (1 << (shift - 1))
+    for t, m in zip(terms, mults):
+        c = c - t[2] * m
+    zq = int(zy)
+    qlo = 0 if not math.isfinite(lo) else max(0, zq + int(np.round(lo / sy)))
+    qhi = 255 if not math.isfinite(hi) else min(255, zq + int(np.round(hi / sy)))
+    if not has_bn:
+        mults_out: tuple[Any, ...] = tuple(int(m[0]) for m in mults)
+        c_out: Any = int(c[0])
+    else:
+        mults_out = tuple(m if t[3] is not None else int(m[0]) for t, m in zip(terms, mults))
+        c_out = c
+    return QSum(tuple(t[0] for t in terms), mults_out, c_out, shift, qlo, max(qlo, qhi))
+
+
+def match_qpool(g: _Graph, anchor: Any) -> tuple[Any, Any] | None:
+    """``(x_q, pool)`` if ``anchor`` is ``quantize(max_pool2d(dequantize(x_q uint8, s, z)), s, z)`` with
+    the same scale and zero point: then it is ``max_pool2d(x_q)`` exactly (``DQ`` and ``Q`` are
+    monotone and inverse on the uint8 values; a padded tap is uint8 0, not above any real tap, as
+    ``-inf`` in the float pool)."""
+    if _op(anchor) != "relax.quantize" or str(anchor.attrs.out_dtype) != "uint8":
+        return None
+    pool = g.single(anchor.args[0])
+    if _op(pool) != "relax.nn.max_pool2d":
+        return None
+    dq = _dequantized_input(g, pool.args[0])
+    s, z = _scalar(anchor.args[1]), _scalar(anchor.args[2])
+    if dq is None or s is None or z is None or g.uses.get(pool.args[0], 0) != 1:
+        return None
+    if int(z) != dq[2] or abs(s - dq[1]) > 1e-7 * abs(dq[1]):
+        return None
+    return dq[0], pool
+
+
 def _extends(g: _Graph, var: Any) -> bool:
     """Whether ``var``'s only user would extend a layer ending at it (activation, quantize, bias)."""
     users = g.users.get(var, [])
@@ -1143,7 +1395,9 @@ def integer_qdq_pass(micro: MicroKernel = VNNI) -> Any:
                 layer = match_layer(g, e)
                 if layer is not None and self._kernel(binding, layer):
                     return True
-            if op == "relax.quantize" and micro.integer_add and self._integer_add(binding, match_qadd(g, e)):
+            if op == "relax.quantize" and micro.integer_add and self._integer_sum(binding, match_qsum(g, e)):
+                return True
+            if op == "relax.quantize" and micro.integer_add and self._integer_pool(binding, match_qpool(g, e)):
                 return True
             if op == "relax.nn.batch_norm":
                 return self._batch_norm(binding, e)
@@ -1205,6 +1459,53 @@ def integer_qdq_pass(micro: MicroKernel = VNNI) -> Any:
                 self._set_nhwc(binding, y)
             else:
                 self._emit(binding, y)
+            return True
+
+        def _integer_sum(self, binding: Any, q: QSum | None) -> bool:
+            """A sum of uint8 tensors (and batch norms of them) in int32: element-wise ops TVM fuses
+            into one kernel.  NHWC when every term has an NHWC copy, NCHW when none has."""
+            if q is None:
+                return False
+            nhwc = [t in self.nhwc for t in q.terms]
+            if not all(nhwc) and any(nhwc):
+                return False
+            nc = int(static_shape(q.terms[0])[1]) if q.per_channel else 1  # the terms are NCHW vars
+
+            def const(v: Any) -> Any:
+                if isinstance(v, int):
+                    return relax.const(np.int32(v))
+                shape = (1, 1, 1, nc) if all(nhwc) else (1, nc, 1, 1)
+                return relax.const(np.asarray(v, np.int64).astype(np.int32).reshape(shape))
+
+            t = None
+            for var, m in zip(q.terms, q.mults):
+                x = self.nhwc[var] if all(nhwc) else self._cur(var)
+                term = relax.op.multiply(relax.op.astype(x, "int32"), const(m))
+                t = term if t is None else relax.op.add(t, term)
+            t = relax.op.right_shift(relax.op.add(t, const(q.c)), relax.const(np.int32(q.shift)))
+            y = relax.op.astype(relax.op.clip(t, q.lo, q.hi), "uint8")
+            if all(nhwc):
+                self._set_nhwc(binding, y)
+            else:
+                self._emit(binding, y)
+            return True
+
+        def _integer_pool(self, binding: Any, m: tuple[Any, Any] | None) -> bool:
+            """``quantize(max_pool2d(dequantize(x)))`` with one scale and zero point: the pool on the
+            uint8 tensor (NHWC when it has an NHWC copy)."""
+            if m is None:
+                return False
+            x, pool = m
+            a = pool.attrs
+            kwargs = dict(pool_size=a.pool_size, strides=a.strides, padding=a.padding, dilation=a.dilation,
+                          ceil_mode=a.ceil_mode)
+            if x in self.nhwc and str(a.layout) == "NCHW" and str(a.out_layout) == "NCHW":
+                self._set_nhwc(binding, relax.op.nn.max_pool2d(self.nhwc[x], layout="NHWC", out_layout="NHWC", **kwargs))
+            elif x not in self.nhwc:
+                self._emit(binding, relax.op.nn.max_pool2d(self._cur(x), layout=str(a.layout), out_layout=str(a.out_layout),
+                                                           **kwargs))
+            else:
+                return False
             return True
 
         def _dequantized_elsewhere(self, x_q: Any) -> bool:

@@ -13,6 +13,8 @@ library has no switches):
   nounroll  no kernel-column unroll for stride-2 depthwise
   nonarrow  no long rows for narrow 1x1 convs
   inlinedw  depthwise padding inlined instead of a padded copy
+  nowino    no Winograd convs (edgec.schedules.winograd: every 3x3 conv direct)
+  f2        Winograd F(2x2, 3x3) instead of F(4x4, 3x3)
 
 Usage (environment: T = threads for both runtimes, default 1; NOSPIN=1 turns onnxruntime's
 spinning off):
@@ -32,6 +34,7 @@ from edgec import schedules
 from edgec.schedules import layout, cpu
 from edgec.targets import get_target
 import contextlib
+import dataclasses
 
 CACHE = os.path.expanduser("~/.cache/edgec/ab")
 os.makedirs(CACHE, exist_ok=True)
@@ -69,6 +72,10 @@ def variant(name):
     if name == "inlinedw":
         saved["mat"] = cpu._materialize_producers
         cpu._materialize_producers = lambda r, i, o, f=saved["mat"]: False if r <= 49 else f(r, i, o)
+    if name in ("nowino", "f2"):
+        import edgec.schedules.winograd as wg
+        saved["wino"] = wg.DEFAULT
+        wg.DEFAULT = wg.WinogradConfig(min_channels=10**9) if name == "nowino" else dataclasses.replace(wg.DEFAULT, tile=2)
     for k, v in [kv.split("=") for kv in os.environ.get("ENV_" + name.upper(), "").split(",") if kv]:
         os.environ[k] = v
     try:
@@ -89,6 +96,9 @@ def variant(name):
             br.merge_conv_branches = saved["merge"]
         if "pack" in saved:
             layout.pack_weights = saved["pack"]
+        if "wino" in saved:
+            import edgec.schedules.winograd as wg
+            wg.DEFAULT = saved["wino"]
 
 def build(proto, name):
     target = get_target("host").tvm_target()

@@ -666,8 +666,11 @@ RULES = (schedule_reduction, schedule_injective, schedule_fallback)
 
 
 def apply_rules(func: Any, target: Any) -> Any | None:
-    """Schedule one PrimFunc with the first applicable rule, or None."""
-    for rule in RULES:
+    """Schedule one PrimFunc with the first applicable rule, or None (the Winograd stages' own
+    rules of :mod:`edgec.schedules.winograd` first, then :data:`RULES`)."""
+    from edgec.schedules import winograd
+
+    for rule in winograd.RULES + RULES:
         try:
             sch = rule(func, target)
         except Exception:  # noqa: BLE001 - a rule that does not fit this function

@@ -422,5 +422,8 @@ def channels_last_passes(target: Any | None = None) -> list[Any]:
         fuse_input_transpose(),
     ]
     if target is not None:
+        from edgec.schedules.winograd import winograd_convs
+
+        passes.append(winograd_convs(target))
         passes.append(pack_weights(target))
     return passes

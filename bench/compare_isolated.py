@@ -160,24 +160,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--precision: fp32 and/or int8, not {args.precision!r}")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
+    from compare_ort import zoo_model  # this script's sibling: the same models and quantization
+
     from edgec import models
-    from edgec.export import export_zoo_model, quiet
-
-    def quantized(n):
-        from edgec.calibration import BuiltinDataset
-        from edgec.passes.quantize import QuantConfig, quantize_model
-        from edgec.verify import input_specs
-
-        fp32 = export_zoo_model(n, fold_bn=True)
-        calib = BuiltinDataset("photos").load(input_specs(fp32), args.calib_samples)
-        return quantize_model(fp32, calib, QuantConfig(activations="uint8")).model
+    from edgec.export import quiet
 
     names = [n for n in args.models.split(",") if n] or models.names()
     rows = []
     for n in names:
         for p in precisions:
             with quiet():
-                proto = export_zoo_model(n) if p == "fp32" else quantized(n)
+                proto = zoo_model(n, p, args.calib_samples)
             row = compare(proto, n, p, args.threads, args.rounds, args.per_round, args.warmup)
             rows.append(row)
             if not args.json:

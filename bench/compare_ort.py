@@ -87,6 +87,22 @@ def _output_step(proto) -> float | None:
     return None
 
 
+def zoo_model(name: str, precision: str, calib_samples: int = 16):
+    """A zoo model as exported (fp32), or quantized by edgec (int8: uint8 activations, int8
+    per-channel weights, calibrated on ``calib_samples`` scikit-image photos)."""
+    from edgec.export import export_zoo_model
+
+    if precision == "fp32":
+        return export_zoo_model(name)
+    from edgec.calibration import BuiltinDataset
+    from edgec.passes.quantize import QuantConfig, quantize_model
+    from edgec.verify import input_specs
+
+    fp32 = export_zoo_model(name, fold_bn=True)
+    calib = BuiltinDataset("photos").load(input_specs(fp32), calib_samples)
+    return quantize_model(fp32, calib, QuantConfig(activations="uint8")).model
+
+
 def float_path_module(mod, target):
     """A QDQ Relax module compiled by edgec's CPU pipeline without the int8 rewrite (the float
     path: dequantize -> fp32 conv -> quantize), for before/after timings."""
@@ -223,16 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnx
 
     from edgec import models
-    from edgec.export import export_zoo_model, quiet
-
-    def quantized(n):
-        from edgec.calibration import BuiltinDataset
-        from edgec.passes.quantize import QuantConfig, quantize_model
-        from edgec.verify import input_specs
-
-        fp32 = export_zoo_model(n, fold_bn=True)
-        calib = BuiltinDataset("photos").load(input_specs(fp32), args.calib_samples)
-        return quantize_model(fp32, calib, QuantConfig(activations="uint8")).model
+    from edgec.export import quiet
 
     if args.onnx:
         def load_file():
@@ -245,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         items = []
         for n in names:
             for p in precisions:
-                items.append((n, p, (lambda n=n: export_zoo_model(n)) if p == "fp32" else (lambda n=n: quantized(n))))
+                items.append((n, p, lambda n=n, p=p: zoo_model(n, p, args.calib_samples)))
     rows = []
     for name, precision, load in items:
         with quiet():

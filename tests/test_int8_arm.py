@@ -92,7 +92,9 @@ def _steps(proto, shape, rng, cpu, remote, tmp_path, n_kernels: int, step: float
     return worst
 
 
-ARM_CONV_CASES = [CONV_CASES[i] for i in (0, 2, 3, 5, 6)]  # 1x1; 3x3 s2 asymmetric pads, 5 -> 21 ch; 3 -> 16 clip; 5x5 12 -> 70; 3x3 64 -> 64 (sdot by element)
+# 1x1; 3x3 s2 asymmetric pads, 5 -> 21 ch (window rows flattened on the A76); 3 -> 16 clip; 5x5 12 -> 70;
+# 3x3 64 -> 64 (sdot by element on the A76); a 7x7 s2 RGB stem (rows flattened)
+ARM_CONV_CASES = [CONV_CASES[i] for i in (0, 2, 3, 5, 6)] + [(3, 16, 7, 2, [3, 3, 3, 3], (20, 20), "relu", True)]
 
 
 @pytest.mark.arm
@@ -100,7 +102,7 @@ ARM_CONV_CASES = [CONV_CASES[i] for i in (0, 2, 3, 5, 6)]  # 1x1; 3x3 s2 asymmet
 @pytest.mark.parametrize("cpu", CPUS)
 @pytest.mark.parametrize("case", ARM_CONV_CASES, ids=lambda c: f"{c[0]}to{c[1]}_k{c[2]}s{c[3]}_{c[6]}")
 def test_conv_on_emulated_board_matches_onnxruntime(arm_boards, case, cpu, tmp_path):
-    rng = np.random.default_rng(CONV_CASES.index(case))
+    rng = np.random.default_rng(ARM_CONV_CASES.index(case))
     cin, cout, k, stride, pads, hw, act, bias = case
     fp32, shape = _conv_model(cin, cout, k, stride, pads, hw, act, bias, rng)
     q = _quantize(fp32, shape, rng)

@@ -297,6 +297,9 @@ KERNEL_CASES = [
     int8.QConv(13, 13, 6, 33, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), x_zero_point=255, out_zero_point=255),
     int8.QConv(1, 3, 160, 100, x_zero_point=12, out_dtype="float32", lo=-math.inf, hi=math.inf),
     int8.QConv(1, 2, 20, 17, x_zero_point=1, out_dtype="float32", lo=0.0, hi=math.inf),
+    int8.QConv(20, 17, 3, 16, (7, 7), (2, 2), (3, 3, 2, 3), x_zero_point=9, out_zero_point=5),  # an RGB stem
+    # the stem as `edgec quantize` pads it: 4 input channels, the 4th with zero weights
+    int8.QConv(18, 18, 4, 8, (7, 7), (2, 2), (3, 3, 3, 3), x_zero_point=200, out_zero_point=0, used_channels=3),
 ]
 
 
@@ -308,6 +311,8 @@ HOST_MICRO = {
     "vnni-fixed": ("host", dataclasses.replace(int8.VNNI, fixed_point=True)),
     "generic256": ("haswell", int8.generic_kernel(256, 16)),
     "generic256-signed-fixed": ("haswell", dataclasses.replace(int8.generic_kernel(256, 16, fixed_point=True), act_dtype="int8")),
+    # window rows flattened to KW*C taps (row_flat: the sdot kernel's small-channel convs), on vpdpbusd
+    "vnni-flat-rows": ("host", dataclasses.replace(int8.VNNI, flat_rows=True, fixed_point=True)),
 }
 
 
@@ -316,6 +321,7 @@ def kernel_inputs(conv: int8.QConv, tile: int8.Tile, rng: np.random.Generator):
     uint8 input, int8 weights, int32 bias, per-channel scales; the reference is int64 numpy."""
     x = rng.integers(0, 256, (1, conv.height, conv.width, conv.in_channels)).astype(np.uint8)
     w = rng.integers(-128, 128, (conv.out_channels, conv.in_channels) + conv.kernel).astype(np.int8)
+    w[:, conv.taps_channels:] = 0
     bq = rng.integers(-5000, 5000, conv.out_channels).astype(np.int32)
     sw = rng.random(conv.out_channels) * 0.01 + 1e-3
     sy = 0.5 if conv.out_dtype == "uint8" else None
@@ -324,7 +330,7 @@ def kernel_inputs(conv: int8.QConv, tile: int8.Tile, rng: np.random.Generator):
         assert conv.shift > 0
     rq = int8.requant_constants(w, sw, 0.02, conv.x_zero_point, None, bq, 0.02 * sw, sy, tile, conv.shift)
     oh, ow = conv.out_hw
-    args = [x, int8.pack_weight(w, tile), rq.ib, rq.m, rq.fb, np.zeros((1, oh, ow, conv.out_channels), conv.out_dtype)]
+    args = [x, int8.pack_conv_weight(w, conv, tile), rq.ib, rq.m, rq.fb, np.zeros((1, oh, ow, conv.out_channels), conv.out_dtype)]
     acc = _exact_conv(x, w, conv) - conv.x_zero_point * w.reshape(conv.out_channels, -1).astype(np.int64).sum(1) + bq
     f = acc * (0.02 * sw)
     ref = np.clip(np.round(f / sy) + conv.out_zero_point, conv.lo, conv.hi) if sy is not None else np.clip(f, conv.lo, conv.hi)

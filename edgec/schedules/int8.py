@@ -162,6 +162,7 @@ class MicroKernel:
     broadcast_cost: float = 1.0  # cost of an input broadcast relative to a weight-vector load (choose_tile)
     block: int = 1  # groups per call of block_intrin (one input vector load serves ``block`` dot products)
     block_intrin: str | None = None
+    flat_rows: bool = False  # small-channel convs reduce over (kw, c) of a window row (see row_flat)
 
     @property
     def act_shift(self) -> int:
@@ -190,7 +191,7 @@ VNNI = MicroKernel("vnni", lanes=16, group=4, registers=32, intrin=VNNI_INTRIN, 
 #: by element, instead of one ``ld1r`` (plus an address add) per ``sdot`` row.
 SDOT = MicroKernel("sdot", lanes=4, group=4, registers=32, act_dtype="int8", intrin=SDOT_INTRIN,
                    channel_tiles=(6, 5, 4, 3, 2, 1), fixed_point=True, depthwise=True, integer_add=True,
-                   block=4, block_intrin=SDOT_LANE_INTRIN)
+                   block=4, block_intrin=SDOT_LANE_INTRIN, flat_rows=True)
 
 
 def generic_kernel(vector_bits: int, registers: int, fixed_point: bool = False, depthwise: bool = False,
@@ -376,9 +377,51 @@ def register_block_intrinsic(micro: MicroKernel) -> str | None:
     return name
 
 
+def row_flat(conv: QConv, micro: MicroKernel) -> bool:
+    """Whether ``conv`` reduces over window rows flattened to ``KW * C`` taps (``micro.flat_rows``).
+
+    In NHWC with the channels unpadded, the ``KW`` taps of one window row are ``KW * C`` consecutive
+    bytes starting at ``(j sw) C``, so a conv over few channels (the RGB stem) can take its groups of
+    ``group`` taps across the row instead of padding each pixel's channels: ``KH * ceil(KW C / 4)``
+    groups instead of ``KH * KW * ceil(C / 4)`` (ResNet's 7x7 stem over 3 channels: 42 instead of
+    49 ``sdot`` per output vector).  The last group of a row reads up to 3 bytes past it, which
+    meet zero weights.  Used where it saves groups (stride any, no horizontal dilation)."""
+    if not micro.flat_rows or micro.group != 4 or micro.intrin is None or conv.dilation[1] != 1:
+        return False
+    kh, kw = conv.kernel
+    c = conv.taps_channels
+    return c % micro.group != 0 and kh * -(-(kw * c) // micro.group) < kh * kw * conv.c_groups(micro)
+
+
+def flat_weight(w_q: Any, channels: int = 0) -> Any:
+    """int8 ``[K, C, KH, KW]`` -> ``[K, KW*C', KH, 1]`` with tap ``kw*C' + c`` over the first ``C'``
+    (``channels``, default all) input channels (see :func:`row_flat`)."""
+    import numpy as np
+
+    w_q = w_q[:, : channels or w_q.shape[1]]
+    k, c, kh, kw = w_q.shape
+    return np.ascontiguousarray(w_q.transpose(0, 3, 1, 2).reshape(k, kw * c, kh, 1))
+
+
+def used_channels(w_q: Any) -> int:
+    """Leading input channels of ``[K, C, KH, KW]`` weights up to the last one with a non-zero weight."""
+    import numpy as np
+
+    nz = np.flatnonzero(np.any(w_q.reshape(w_q.shape[0], w_q.shape[1], -1) != 0, axis=(0, 2)))
+    return int(nz[-1]) + 1 if nz.size else 1
+
+
+def pack_conv_weight(w_q: Any, conv: QConv, tile: Tile) -> Any:
+    """:func:`pack_weight` of a dense conv's ``[K, C, KH, KW]`` weights, row-flattened first where
+    :func:`row_flat` holds."""
+    return pack_weight(flat_weight(w_q, conv.taps_channels) if row_flat(conv, tile.micro) else w_q, tile)
+
+
 def conv_block(conv: QConv, micro: MicroKernel) -> int:
     """Groups per intrinsic call for ``conv``: ``micro.block`` where the input channel groups are a
     multiple of it (16 channels for ``sdot``), else 1."""
+    if row_flat(conv, micro):
+        return 1
     if micro.block > 1 and micro.block_intrin is not None and conv.c_groups(micro) % micro.block == 0:
         return micro.block
     return 1
@@ -411,6 +454,13 @@ class QConv:
     lo: float = 0.0
     hi: float = 255.0
     shift: int = 0
+    used_channels: int = 0  # leading input channels with a non-zero weight (0: all); see row_flat
+
+    @property
+    def taps_channels(self) -> int:
+        """Input channels a row-flattened window reads (trailing all-zero weight channels dropped:
+        the stem's input padded from 3 to 4 channels by ``edgec quantize``)."""
+        return self.used_channels or self.in_channels
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -475,11 +525,15 @@ def choose_tile(conv: QConv, micro: MicroKernel = VNNI) -> Tile:
     ko = conv.k_blocks(micro)
     direct = not needs_pad(conv, Tile(1, 1, ow, ko, False, micro))
     blk = conv_block(conv, micro)
+    # flattened rows (a short unrolled reduction): LLVM keeps all tw input broadcasts live
+    inputs = tw_inputs = 1
+    flat = row_flat(conv, micro)
     best: tuple[float, Tile] | None = None
     for tc in micro.channel_tiles:
         kop = -(-ko // tc) * tc
         for tw in range(1, MAX_TW + 1):
-            if tw * tc + blk * tc + 1 > micro.budget or not fits_stack(tw * tc * micro.lanes * 4):
+            inputs = tw if flat else tw_inputs
+            if tw * tc + blk * tc + inputs > micro.budget or not fits_stack(tw * tc * micro.lanes * 4):
                 continue
             owp = -(-ow // tw) * tw
             if blk > 1:  # per block of taps: tw input vectors and blk*tc weight vectors for blk*tw*tc dot products
@@ -523,7 +577,7 @@ def needs_pad(conv: QConv, tile: Tile) -> bool:
     wp = (tile.out_width - 1) * sw + (kw - 1) * dw + 1
     pt, pl, _, _ = conv.padding
     return (pt > 0 or pl > 0 or hp > conv.height or wp > conv.width or conv.in_channels % tile.micro.group != 0
-            or tile.micro.act_shift != 0)
+            or tile.micro.act_shift != 0 or row_flat(conv, tile.micro))
 
 
 def _widen(v: Any, micro: MicroKernel) -> Any:
@@ -691,14 +745,16 @@ def conv_primfunc(conv: QConv, tile: Tile) -> Any:
     owp = tile.out_width
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel, conv.strides, conv.dilation
     pt, pl, _, _ = conv.padding
-    cg = conv.c_groups(micro)
+    flat = row_flat(conv, micro)
+    cf = conv.taps_channels  # channels of a flattened row
+    cg = -(-(kw * cf) // group) if flat else conv.c_groups(micro)
     kp = tile.k_blocks * lanes
     hp = (oh - 1) * sh + (kh - 1) * dh + 1
     wp = (owp - 1) * sw + (kw - 1) * dw + 1
     h, w, c = conv.height, conv.width, conv.in_channels
 
     x = te.placeholder((1, h, w, c), "uint8", name="X")
-    wpk = te.placeholder((tile.k_blocks, kh, kw, cg, lanes, group), micro.weight_dtype, name="W")
+    wpk = te.placeholder((tile.k_blocks, kh, 1 if flat else kw, cg, lanes, group), micro.weight_dtype, name="W")
     ib = te.placeholder((kp,), "int32", name="ib")
     m = te.placeholder((kp,), "int32" if conv.shift else "float32", name="m")
     fb = te.placeholder((kp,), "float32", name="fb")
@@ -718,18 +774,30 @@ def conv_primfunc(conv: QConv, tile: Tile) -> Any:
             v = x[n, tirx.max(tirx.min(i - pt, h - 1), 0), tirx.max(tirx.min(j - pl, w - 1), 0), tirx.min(k, c - 1)]
             return tirx.if_then_else(inside, shifted(v), zx)
 
-        xp = te.compute((1, hp, wp, cg * group), padded, name="pad")
+        if flat:  # rows of wp * cf bytes (+ the last group's overhang), channels unpadded
+            def padded_row(n: Any, i: Any, f: Any) -> Any:
+                return padded(n, i, f // cf, f % cf)
+
+            over = -(-max(0, cg * group - kw * cf) // cf)  # whole pixels past the row for the overhang
+            xp = te.compute((1, hp, (wp + over) * cf), padded_row, name="pad")
+        else:
+            xp = te.compute((1, hp, wp, cg * group), padded, name="pad")
     else:
         xp = x
     rh = te.reduce_axis((0, kh), "rh")
-    rw = te.reduce_axis((0, kw), "rw")
+    rw = te.reduce_axis((0, 1 if flat else kw), "rw")
     rc = te.reduce_axis((0, cg), "rc")
     ri = te.reduce_axis((0, group), "ri")
+    if flat:
+        def tap(n: Any, i: Any, j: Any) -> Any:
+            return xp[n, i * sh + rh * dh, j * (sw * cf) + rc * group + ri]
+    else:
+        def tap(n: Any, i: Any, j: Any) -> Any:
+            return xp[n, i * sh + rh * dh, j * sw + rw * dw, rc * group + ri]
     acc = te.compute(
         (1, oh, owp, kp),
         lambda n, i, j, k: te.sum(
-            _widen(xp[n, i * sh + rh * dh, j * sw + rw * dw, rc * group + ri], micro)
-            * _widen(wpk[k // lanes, rh, rw, rc, k % lanes, ri], micro),
+            _widen(tap(n, i, j), micro) * _widen(wpk[k // lanes, rh, rw, rc, k % lanes, ri], micro),
             axis=[rh, rw, rc, ri],
         ),
         name="acc",
@@ -789,6 +857,8 @@ def conv_primfunc(conv: QConv, tile: Tile) -> Any:
         pblock = sch.get_sblock("pad")
         ploops = sch.get_loops(pblock)
         sch.parallel(sch.fuse(ploops[0], ploops[1]))
+        if flat:  # (pixel, channel) loops: no division per byte
+            sch.split(ploops[-1], [None, cf])
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
 
 
@@ -1334,7 +1404,9 @@ def layer_geometry(layer: QLayer, x_shape: list[int], micro: MicroKernel = VNNI)
                                                                          (k,)) / s)
     else:
         out = dict(out_dtype="float32", out_zero_point=0, lo=layer.lo, hi=layer.hi)
-    return QConv(h, w, c, k, (kh, kw), layer.strides, layer.padding, layer.dilation, layer.x_zero_point, **out)
+    used = used_channels(layer.w_q) if layer.kind == "conv" else 0
+    return QConv(h, w, c, k, (kh, kw), layer.strides, layer.padding, layer.dilation, layer.x_zero_point,
+                 used_channels=used if used < c else 0, **out)
 
 
 def integer_qdq_pass(micro: MicroKernel = VNNI) -> Any:
@@ -1541,7 +1613,10 @@ def integer_qdq_pass(micro: MicroKernel = VNNI) -> Any:
                 x = self._to_nhwc(layer.x_q)
             else:
                 x = self.builder_.emit(relax.op.reshape(self._cur(layer.x_q), (1, 1, x_shape[0], x_shape[1])))
-            wpk = pack_dw_weight(layer.w_q, tile) if layer.kind == "dw" else pack_weight(layer.w_q, tile)
+            if layer.kind == "dw":
+                wpk = pack_dw_weight(layer.w_q, tile)
+            else:
+                wpk = pack_conv_weight(layer.w_q, conv, tile)
             args = [x, relax.const(wpk), relax.const(rq.ib), relax.const(rq.m), relax.const(rq.fb)]
             call = relax.call_tir(gv, relax.Tuple(args), relax.TensorType((1, oh, ow, conv.out_channels), conv.out_dtype))
             if layer.kind in ("conv", "dw"):

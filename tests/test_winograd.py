@@ -25,7 +25,7 @@ def _host():
     return get_target("host").tvm_target()
 
 
-def wino_block(cin, cout, hw, *, pads=(1, 1, 1, 1), bias=True, relu=True, residual=False, seed=0):
+def wino_block(cin, cout, hw, *, pads=(1, 1, 1, 1), bias=True, relu=True, residual=False, seed=0, batch=1):
     """``Relu(x) -> Conv 3x3 (pads) [+ Sigmoid(x) residual] [-> Relu]``; ``hw``: (H, W)."""
     rng = np.random.default_rng(seed)
     h, w = hw
@@ -44,7 +44,7 @@ def wino_block(cin, cout, hw, *, pads=(1, 1, 1, 1), bias=True, relu=True, residu
         nodes.append(helper.make_node("Add", [last, "sig"], ["res"]))
         last = "res"
     nodes.append(helper.make_node("Relu" if relu else "Identity", [last], ["y"]))
-    return make_model(nodes, [("x", (1, cin, h, w))], [("y", (1, cout, oh, ow))], inits)
+    return make_model(nodes, [("x", (batch, cin, h, w))], [("y", (batch, cout, oh, ow))], inits)
 
 
 @pytest.fixture
@@ -104,6 +104,7 @@ CASES = {
     "channels_40_to_36": (40, 36, (9, 9), {}),
     "channels_12_to_20": (12, 20, (6, 6), {}),
     "channels_9_to_10": (9, 10, (5, 7), {}),
+    "batch2_overhang": (16, 16, (6, 7), {"batch": 2}),
 }
 
 
@@ -115,7 +116,7 @@ def test_winograd_convs_match_onnxruntime(case, tile):
     funcs = _scheduled(model)
     assert any(n.startswith("winograd_gemm") for n in funcs), (case, sorted(funcs))
     assert not any("conv2d" in n for n in funcs), (case, sorted(funcs))
-    _compile_and_compare(model, (1, cin, *hw), (1, 2))
+    _compile_and_compare(model, (extra.get("batch", 1), cin, *hw), (1, 2))
 
 
 @pytest.mark.parametrize("tile", [4], indirect=True)

@@ -588,16 +588,28 @@ def _widen(v: Any, micro: MicroKernel) -> Any:
     return v.astype("int32")
 
 
-def _requantize(conv: QConv, a: Any, m: Any, fb: Any) -> Any:
-    """The epilogue of one output ``a = acc + ib`` (int32): float or fixed-point (``conv.shift``)."""
+def _epilogue(conv: QConv, acc: Any, ib: Any, m: Any, fb: Any) -> Any:
+    """The output of one int32 accumulator: ``_requantize(acc + ib)``, or in fixed point
+    ``clamp((acc M + ib M + (z_y << S) + 2^(S-1)) >> S, lo, hi)`` in int64: written as two products
+    of sign-extended int32 values, which NEON does with ``smull`` / ``smlal`` (``(acc + ib) * M``
+    was widened term by term by TVM and multiplied in scalar registers)."""
     from tvm import tirx
 
     if conv.shift:
         sft = conv.shift
+        # (the reinterpret pair keeps TVM from widening acc and ib separately; LLVM drops it)
+        a = tirx.reinterpret("int32", tirx.reinterpret("float32", acc + ib))
         t = a.astype("int64") * m.astype("int64") + tirx.const((conv.out_zero_point << sft) + (1 << (sft - 1)), "int64")
-        q = tirx.shift_right(t, tirx.const(sft, "int64")).astype("int32")
+        q = tirx.shift_right(t, tirx.const(conv.shift, "int64")).astype("int32")
         q = tirx.max(tirx.min(q, tirx.const(int(conv.hi), "int32")), tirx.const(int(conv.lo), "int32"))
         return q.astype(conv.out_dtype)
+    return _requantize(conv, acc + ib, m, fb)
+
+
+def _requantize(conv: QConv, a: Any, m: Any, fb: Any) -> Any:
+    """The float epilogue of one output ``a = acc + ib`` (int32)."""
+    from tvm import tirx
+
     f = a.astype("float32") * m + fb
     if conv.out_dtype == "uint8":
         f = tirx.round(f) + tirx.const(float(conv.out_zero_point), "float32")
@@ -693,7 +705,7 @@ def dw_primfunc(conv: QConv, tile: Tile) -> Any:
         ),
         name="acc",
     )
-    y = te.compute((1, oh, ow, c), lambda n, i, j, k: _requantize(conv, acc[n, i, j, k] + ib[k], m[k], fb[k]), name="out")
+    y = te.compute((1, oh, ow, c), lambda n, i, j, k: _epilogue(conv, acc[n, i, j, k], ib[k], m[k], fb[k]), name="out")
     sch = s_tir.Schedule(te.create_prim_func([x, wt, ib, m, fb, y]))
     block = sch.get_sblock("acc")
     n, i, j, k, r_h, r_w = sch.get_loops(block)
@@ -803,7 +815,7 @@ def conv_primfunc(conv: QConv, tile: Tile) -> Any:
         name="acc",
     )
 
-    y = te.compute((1, oh, ow, conv.out_channels), lambda n, i, j, k: _requantize(conv, acc[n, i, j, k] + ib[k], m[k], fb[k]),
+    y = te.compute((1, oh, ow, conv.out_channels), lambda n, i, j, k: _epilogue(conv, acc[n, i, j, k], ib[k], m[k], fb[k]),
                    name="out")
     func = te.create_prim_func([x, wpk, ib, m, fb, y])
     sch = s_tir.Schedule(func)

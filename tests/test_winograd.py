@@ -168,6 +168,11 @@ def test_winograd_rule():
     assert winograd_tile((3, 3, 3, 64), (1, 1), (1, 1), 1) is None  # RGB stem: too few channels
     assert winograd_tile((3, 3, 512, 512), (1, 1), (1, 1), 1) is None  # 9.4 MB of weights -> 37.7 MB
     assert winograd_tile((3, 3, 64, 64), (1, 1), (1, 1), 1, WinogradConfig(tile=2)) == 2
+    # F(2x2) on maps with few F(4x4) tiles, when asked for (off by default: measured no faster)
+    small = WinogradConfig(min_tiles=32)
+    assert winograd_tile((3, 3, 256, 256), (1, 1), (1, 1), 1, small, out_hw=(14, 14)) == 2  # 16 tiles
+    assert winograd_tile((3, 3, 64, 64), (1, 1), (1, 1), 1, small, out_hw=(56, 56)) == 4
+    assert winograd_tile((3, 3, 256, 256), (1, 1), (1, 1), 1, out_hw=(14, 14)) == 4
 
 
 def test_direct_conv_kept_where_the_rule_says_no():

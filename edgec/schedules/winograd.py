@@ -59,14 +59,18 @@ class WinogradConfig:
 
     ``min_channels``: input and output channels at least this many (the transforms cost
     ``O(pixels * C)``, the saved multiplies ``O(pixels * C^2)``); ``max_weight_bytes``: at most
-    this many bytes of transformed weights ``a^2 * C * K * 4`` (late 512-channel convs at 7x7
-    have 4 tiles per transform point: the GEMM streams 37 MB of weights for 16 rows, slower than
-    the direct conv); ``tile``: ``m`` (2 or 4).
+    this many bytes of transformed weights ``a^2 * C * K * 4``, a memory cap: transformed weights
+    are ``a^2 / 9`` times the conv's (4x for F(4x4)); ResNet-18's 512-channel 3x3 convs at 7x7
+    would carry 37.7 MB each instead of 9.4 MB (+85 MB for the model) for 20.24 -> 18.77 ms, so
+    they stay direct; ``tile``: ``m`` (2 or 4); ``min_tiles``: F(2x2, 3x3) instead of F(4x4, 3x3)
+    where the output has fewer F(4x4) tiles than this (0: never; ResNet-18's 14x14 maps with F(2x2)
+    measured 19.96 -> 20.11 ms, so off).
     """
 
     tile: int = 4
     min_channels: int = 32
     max_weight_bytes: int = 12 * 1024 * 1024
+    min_tiles: int = 0
 
 
 DEFAULT = WinogradConfig()
@@ -93,19 +97,28 @@ def transform_weights(w: Any, m: int) -> Any:
 
 
 def winograd_tile(
-    kernel: tuple[int, int, int, int], strides: tuple[int, int], dilation: tuple[int, int], groups: int, config: WinogradConfig | None = None
+    kernel: tuple[int, int, int, int],
+    strides: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    config: WinogradConfig | None = None,
+    out_hw: tuple[int, int] | None = None,
 ) -> int | None:
-    """The output tile ``m`` for a conv with HWIO ``kernel`` shape, or None (direct conv)."""
+    """The output tile ``m`` for a conv with HWIO ``kernel`` shape (output ``out_hw``), or None
+    (direct conv)."""
     config = config if config is not None else DEFAULT
     kh, kw, c, k = kernel
     if (kh, kw) != (3, 3) or tuple(strides) != (1, 1) or tuple(dilation) != (1, 1) or groups != 1:
         return None
     if c < config.min_channels or k < config.min_channels:
         return None
-    a = config.tile + 2
+    m = config.tile
+    if m == 4 and out_hw is not None and (-(-out_hw[0] // 4)) * (-(-out_hw[1] // 4)) < config.min_tiles:
+        m = 2
+    a = m + 2
     if a * a * c * k * 4 > config.max_weight_bytes:
         return None
-    return config.tile
+    return m
 
 
 def _terms(coef: Any) -> list[tuple[int, float]]:
@@ -227,11 +240,12 @@ def winograd_convs(target: Any, config: WinogradConfig | None = None) -> Any:
     The input transform's PrimFunc is marked opaque for ``FuseOps``: otherwise the previous conv's
     output transform (injective) would be fused into it and recomputed once per transform point.
     """
+    import numpy as np
     import tvm
     from tvm import relax
 
     from edgec.schedules.fold import static_shape
-    from edgec.schedules.layout import _const_f32
+    from edgec.schedules.layout import _const_f32, pack_matrix
 
     conv_op = tvm.ir.Op.get("relax.nn.conv2d")
     config = config if config is not None else DEFAULT
@@ -257,17 +271,20 @@ def winograd_convs(target: Any, config: WinogradConfig | None = None) -> Any:
                 return call
             if str(getattr(getattr(data, "ty", None), "dtype", "")) != "float32":
                 return call
-            m = winograd_tile(tuple(int(d) for d in w.shape), tuple(int(v) for v in a.strides), tuple(int(v) for v in a.dilation), int(a.groups), config)
+            m = winograd_tile(
+                tuple(int(d) for d in w.shape),
+                tuple(int(v) for v in a.strides),
+                tuple(int(v) for v in a.dilation),
+                int(a.groups),
+                config,
+                (out[1], out[2]),
+            )
             if m is None:
                 return call
-            from edgec.schedules.layout import pack_matrix
-
             c, k = int(w.shape[2]), int(w.shape[3])
             tiles = out[0] * (-(-out[1] // m)) * (-(-out[2] // m))
             u = transform_weights(w, m)
             bk = gemm_block(k, tiles, (m + 2) ** 2, c, target)
-            import numpy as np
-
             up = np.stack([pack_matrix(u[t], bk) for t in range(u.shape[0])])
             vcall = self.builder_.call_te(input_transform, data, m=m, padding=a.padding, primfunc_name_hint="winograd_input")
             gv = vcall.args[0]

@@ -15,6 +15,7 @@ library has no switches):
   inlinedw  depthwise padding inlined instead of a padded copy
   nowino    no Winograd convs (edgec.schedules.winograd: every 3x3 conv direct)
   f2        Winograd F(2x2, 3x3) instead of F(4x4, 3x3)
+  minc8     Winograd from 8 channels instead of 32
   f2small   F(2x2, 3x3) where F(4x4, 3x3) has fewer than 32 tiles per image (14x14 and smaller maps)
   nocap     Winograd also where the transformed weights exceed the cap (ResNet-18's 512-channel convs)
 
@@ -74,7 +75,7 @@ def variant(name):
     if name == "inlinedw":
         saved["mat"] = cpu._materialize_producers
         cpu._materialize_producers = lambda r, i, o, f=saved["mat"]: False if r <= 49 else f(r, i, o)
-    if name in ("nowino", "f2", "nocap", "f2small"):
+    if name in ("nowino", "f2", "nocap", "f2small", "minc8"):
         import edgec.schedules.winograd as wg
         saved["wino"] = wg.DEFAULT
         wg.DEFAULT = {
@@ -82,6 +83,7 @@ def variant(name):
             "f2": dataclasses.replace(wg.DEFAULT, tile=2),
             "nocap": dataclasses.replace(wg.DEFAULT, max_weight_bytes=10**12),
             "f2small": dataclasses.replace(wg.DEFAULT, min_tiles=32),
+            "minc8": dataclasses.replace(wg.DEFAULT, min_channels=8),
         }[name]
     for k, v in [kv.split("=") for kv in os.environ.get("ENV_" + name.upper(), "").split(",") if kv]:
         os.environ[k] = v

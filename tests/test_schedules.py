@@ -21,7 +21,7 @@ RTOL = 1e-4
 @pytest.fixture(autouse=True)
 def direct_convs(monkeypatch):
     """The direct (register-tiled) kernels: every 3x3 conv here stays a direct conv.  3x3 stride-1
-    convs from 32 channels are Winograd convs by default; tests/test_winograd.py covers those."""
+    convs from 8 channels are Winograd convs by default; tests/test_winograd.py covers those."""
     from edgec.schedules import winograd
 
     monkeypatch.setattr(winograd, "DEFAULT", winograd.WinogradConfig(min_channels=10**9))

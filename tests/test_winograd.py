@@ -165,7 +165,8 @@ def test_winograd_rule():
     assert winograd_tile((3, 3, 64, 64), (1, 1), (1, 1), 2) is None  # grouped
     assert winograd_tile((1, 1, 64, 64), (1, 1), (1, 1), 1) is None
     assert winograd_tile((5, 5, 64, 64), (1, 1), (1, 1), 1) is None
-    assert winograd_tile((3, 3, 3, 64), (1, 1), (1, 1), 1) is None  # RGB stem: too few channels
+    assert winograd_tile((3, 3, 3, 64), (1, 1), (1, 1), 1) is None  # RGB: too few channels
+    assert winograd_tile((3, 3, 8, 8), (1, 1), (1, 1), 1) == 4
     assert winograd_tile((3, 3, 512, 512), (1, 1), (1, 1), 1) is None  # 9.4 MB of weights -> 37.7 MB
     assert winograd_tile((3, 3, 64, 64), (1, 1), (1, 1), 1, WinogradConfig(tile=2)) == 2
     # F(2x2) on maps with few F(4x4) tiles, when asked for (off by default: measured no faster)
@@ -177,7 +178,7 @@ def test_winograd_rule():
 
 def test_direct_conv_kept_where_the_rule_says_no():
     """A 3x3 conv with few channels stays the direct (packed, register-tiled) conv."""
-    funcs = _scheduled(wino_block(8, 16, (8, 8)))
+    funcs = _scheduled(wino_block(4, 16, (8, 8)))
     assert not any(n.startswith("winograd") for n in funcs)
     assert any("conv2d" in n for n in funcs)
 

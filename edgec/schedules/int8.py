@@ -76,7 +76,18 @@ packing and the epilogue differ):
 - ``SDOT`` (AArch64 ``dotprod``: Cortex-A55/A76/...): ``sdot``, 4 lanes x 4 taps, s8 x s8.  The
   activations enter as ``x_s = x_q - 128`` (the padding pass flips them; padded taps get
   ``z_x - 128``), so ``sum_t (x_q - z_x) W = sum_t x_s W + (128 - z_x) sum_t W``: the correction
-  ``ib[o] = (128 - z_x) * sum_t W_q[o, t]`` absorbs the shift.
+  ``ib[o] = (128 - z_x) * sum_t W_q[o, t]`` absorbs the shift.  Where the input channels are a
+  multiple of 16, one intrinsic call covers 4 groups (:data:`SDOT_LANE_INTRIN`): one 16-byte load
+  of a pixel's channels feeds four ``sdot v.4s, w.16b, x.4b[g]`` by element (the weight layout is
+  the same bytes), and the register tile is bounded by ``tw*tc + 4 tc + 1`` (8x2 / 7x2 on dense
+  3x3 convs: no padded columns on 56/28/14/7-wide rows).  Convs over few channels (the RGB stem)
+  reduce over flattened window rows (:func:`row_flat`): in NHWC the ``KW`` taps of a row are
+  ``KW * C`` consecutive bytes, so ResNet's 7x7 stem takes ``7 * ceil(21 / 4) = 42`` groups per
+  output vector instead of ``49`` (trailing channels whose weights are all zero, the 4th channel
+  ``edgec quantize`` pads the RGB input with, are not read).  (Not done: flipping the sign once
+  per model instead of in each layer's padding pass; in the generated code the flip is one
+  vectorized ``eor`` per 16 bytes inside the copy that a padded 3x3 conv makes anyway, so only
+  1x1 convs would lose a pass.)
 - ``generic<bits>`` (AArch64 without dotprod: Cortex-A72/A53): no dot-product instruction; weights
   packed as int16 ``[K/L, KH, KW, C, L, 1]`` (``L`` = int32 lanes of one vector register), one tap
   per step, ``acc[L] += int32(int16(x)) * int32(W16[L])`` vectorized over the lanes, which LLVM
@@ -101,9 +112,14 @@ takes 3x3 windows only, where it beats edgec's float depthwise (which needs its 
 in memory), unless the dequantized input also feeds other float ops (MobileOne's parallel branches:
 the float path dequantizes once for all of them); 5x5 / 7x7 windows stay float there.
 
-Residual adds (the ARM micro-kernels, ``integer_add``): ``quantize(act(DQ(a) + DQ(b)))`` of two
-uint8 tensors becomes ``clamp((a Ma + b Mb + c) >> S, lo, hi)`` in int32 Relax ops that TVM fuses
-into one element-wise kernel (see :class:`QAdd`; no float arithmetic, which qemu emulates slowly).
+Residual sums (the ARM micro-kernels, ``integer_add``): ``quantize(act(DQ(a) + DQ(b) + ...))`` of
+uint8 tensors, where a term may also be an inference batch norm of a dequantized tensor (RepVGG's
+and MobileOne's identity branch: ``DQ(x) g + b`` per channel), becomes
+``clamp((sum_i q_i M_i[c] + C[c]) >> S, lo, hi)`` in int32 Relax ops that TVM fuses into one
+element-wise kernel (see :class:`QSum`; two plain terms are :class:`QAdd`'s numbers; no float
+arithmetic, which qemu emulates slowly).  ``quantize(max_pool(DQ(x)))`` with one scale and zero
+point is a max pool of the uint8 tensor (exact: ``DQ``/``Q`` are monotone).  The fixed-point
+epilogue multiplies ``sext(acc + ib) * sext(M)`` as one widening multiply (``smull``).
 
 The rewrite applies to x86 with VNNI and to every AArch64 target; x86 without VNNI keeps the float
 path (the plain kernel, ``vpmulld``, measured slower than edgec's float schedules there).  int8

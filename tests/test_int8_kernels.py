@@ -537,6 +537,31 @@ def test_tiles_fit_registers_and_cover_the_output(micro):
             assert int8.fits_stack(t.tw * t.tc * micro.lanes * 4)  # the accumulator tile stays in registers
 
 
+def test_sdot_by_element_tiles_and_flattened_rows():
+    """``sdot`` by element on 16-channel multiples: the tile's registers include 4 weight vectors per
+    channel block, and the dense 3x3 convs of ResNet / RepVGG get tiles without padded columns; the
+    RGB stem (3 channels, or 4 with a zero-weight 4th) reduces over flattened rows, fewer groups."""
+    sdot = int8.SDOT
+    for hw, c in ((56, 64), (28, 128), (14, 256), (7, 512), (56, 48), (14, 192)):
+        conv = int8.QConv(hw, hw, c, c, (3, 3), padding=(1, 1, 1, 1))
+        assert int8.conv_block(conv, sdot) == 4
+        t = int8.choose_tile(conv, sdot)
+        assert t.tw * t.tc + 4 * t.tc + 1 <= sdot.budget and t.out_width == hw and t.k_blocks * 4 == c
+    assert int8.conv_block(int8.QConv(14, 14, 24, 24, (3, 3)), sdot) == 1  # 24 channels: 6 groups
+    stem = int8.QConv(224, 224, 4, 64, (7, 7), (2, 2), (3, 3, 3, 3), used_channels=3)
+    assert int8.row_flat(stem, sdot) and not int8.row_flat(stem, int8.VNNI)
+    assert not int8.row_flat(dataclasses.replace(stem, used_channels=0), sdot)  # 4 channels: nothing to save
+    assert not int8.row_flat(int8.QConv(16, 16, 3, 16, (3, 3), (2, 2)), sdot)  # 3 * ceil(9/4) == 9 groups
+    t = int8.choose_tile(stem, sdot)
+    assert t.tw * t.tc + t.tc + t.tw <= sdot.budget  # every input broadcast of the tile stays live
+    w = np.arange(64 * 4 * 7 * 7).reshape(64, 4, 7, 7).astype(np.int8)
+    w[:, 3] = 0
+    assert int8.used_channels(w) == 3
+    flat = int8.flat_weight(w, 3)
+    assert flat.shape == (64, 21, 7, 1) and flat[5, 2 * 3 + 1, 4, 0] == w[5, 1, 4, 2]
+    assert int8.pack_conv_weight(w, stem, t).shape == (t.k_blocks, 7, 1, 6, 4, 4)
+
+
 @pytest.mark.parametrize("conv", [int8.QConv(112, 112, 16, 96), int8.QConv(14, 14, 64, 256, (3, 3), padding=(1, 1, 1, 1)),
                                   int8.QConv(9, 9, 5, 21, (3, 3), strides=(2, 2), padding=(1, 0, 1, 2))],
                          ids=lambda c: f"{c.in_channels}to{c.out_channels}_k{c.kernel[0]}")

@@ -116,10 +116,10 @@ Residual sums (the ARM micro-kernels, ``integer_add``): ``quantize(act(DQ(a) + D
 uint8 tensors, where a term may also be an inference batch norm of a dequantized tensor (RepVGG's
 and MobileOne's identity branch: ``DQ(x) g + b`` per channel), becomes
 ``clamp((sum_i q_i M_i[c] + C[c]) >> S, lo, hi)`` in int32 Relax ops that TVM fuses into one
-element-wise kernel (see :class:`QSum`; two plain terms are :class:`QAdd`'s numbers; no float
-arithmetic, which qemu emulates slowly).  ``quantize(max_pool(DQ(x)))`` with one scale and zero
-point is a max pool of the uint8 tensor (exact: ``DQ``/``Q`` are monotone).  The fixed-point
-epilogue multiplies ``sext(acc + ib) * sext(M)`` as one widening multiply (``smull``).
+element-wise kernel (see :class:`QSum`; no float arithmetic, which qemu emulates slowly).
+``quantize(max_pool(DQ(x)))`` with one scale and zero point is a max pool of the uint8 tensor
+(exact: ``DQ``/``Q`` are monotone).  The fixed-point epilogue multiplies ``sext(acc + ib) * sext(M)``
+as one widening multiply (``smull``).
 
 The rewrite applies to x86 with VNNI and to every AArch64 target; x86 without VNNI keeps the float
 path (the plain kernel, ``vpmulld``, measured slower than edgec's float schedules there).  int8
@@ -174,7 +174,7 @@ class MicroKernel:
     depthwise: bool = False  # depthwise QDQ convs get the integer depthwise kernel (dw_primfunc) too
     depthwise_max_taps: int = 1 << 20  # ... those with at most this many taps (KH * KW); larger stay float
     depthwise_shared_float: bool = False  # ... except where the dequantized input feeds other ops too
-    integer_add: bool = False  # residual adds of two quantized tensors in int32 (QAdd)
+    integer_add: bool = False  # residual sums of quantized tensors in int32 (QSum), uint8 max pools
     broadcast_cost: float = 1.0  # cost of an input broadcast relative to a weight-vector load (choose_tile)
     block: int = 1  # groups per call of block_intrin (one input vector load serves ``block`` dot products)
     block_intrin: str | None = None
@@ -536,19 +536,22 @@ def choose_tile(conv: QConv, micro: MicroKernel = VNNI) -> Tile:
     accumulator tile that stays on the stack (:func:`fits_stack`).  A tile whose padded row would
     make a conv that reads its input directly copy it first (a 1x1 conv over a multiple of
     ``group`` channels) scores ``PAD_PENALTY`` less: measured on Zen 4, 112x112 16 -> 96 5x3 with
-    the copy 0.19 ms, 4x3 without 0.16 ms; 56x56 24 -> 144 0.090 vs 0.076 ms."""
+    the copy 0.19 ms, 4x3 without 0.16 ms; 56x56 24 -> 144 0.090 vs 0.076 ms.
+
+    With a block intrinsic (:func:`conv_block`, ``sdot`` by element) the registers are
+    ``tw*tc + block*tc + 1`` and the score ``tw*tc / (tc + tw / block)`` (one input vector serves
+    ``block`` groups); with flattened rows (:func:`row_flat`) all ``tw`` inputs count as live."""
     _, ow = conv.out_hw
     ko = conv.k_blocks(micro)
     direct = not needs_pad(conv, Tile(1, 1, ow, ko, False, micro))
     blk = conv_block(conv, micro)
     # flattened rows (a short unrolled reduction): LLVM keeps all tw input broadcasts live
-    inputs = tw_inputs = 1
     flat = row_flat(conv, micro)
     best: tuple[float, Tile] | None = None
     for tc in micro.channel_tiles:
         kop = -(-ko // tc) * tc
         for tw in range(1, MAX_TW + 1):
-            inputs = tw if flat else tw_inputs
+            inputs = tw if flat else 1
             if tw * tc + blk * tc + inputs > micro.budget or not fits_stack(tw * tc * micro.lanes * 4):
                 continue
             owp = -(-ow // tw) * tw
@@ -1189,57 +1192,6 @@ def match_layer(g: _Graph, anchor: Any) -> QLayer | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class QAdd:
-    """``quantize(act(DQ(a) + DQ(b)))`` of two uint8 tensors (a residual add), in integers:
-    ``y = clamp((a Ma + b Mb + c) >> shift, lo, hi)`` with ``Ma = round(s_a / s_y 2^shift)``,
-    ``Mb`` alike and ``c = (z_y << shift) + 2^(shift-1) - z_a Ma - z_b Mb``; ``shift`` is the
-    largest keeping every term in int32 (``255 (Ma + Mb) + |c| < 2^31``)."""
-
-    a: Any
-    b: Any
-    ma: int
-    mb: int
-    c: int
-    shift: int
-    lo: int
-    hi: int
-
-
-def match_qadd(g: _Graph, anchor: Any) -> QAdd | None:
-    """The integer form of ``quantize([act](add(dequantize(a), dequantize(b))))``, or None."""
-    import numpy as np
-
-    if _op(anchor) != "relax.quantize" or str(anchor.attrs.out_dtype) != "uint8":
-        return None
-    sy, zy = _scalar(anchor.args[1]), _scalar(anchor.args[2])
-    if sy is None or zy is None or sy <= 0:
-        return None
-    e = g.single(anchor.args[0])
-    lo, hi = -math.inf, math.inf
-    while e is not None and _op(e) in _ACTS:
-        bnd = _act_bounds(e)
-        if bnd is None:
-            return None
-        lo, hi = max(lo, bnd[0]), min(hi, bnd[1])
-        e = g.single(e.args[0])
-    if e is None or _op(e) != "relax.add":
-        return None
-    xa, xb = _dequantized_input(g, e.args[0]), _dequantized_input(g, e.args[1])
-    if xa is None or xb is None or static_shape(xa[0]) is None or static_shape(xa[0]) != static_shape(xb[0]):
-        return None
-    ra, rb = xa[1] / sy, xb[1] / sy
-    shift = int(math.floor(math.log2(2.0**31 / (255.0 * (2.0 * (ra + rb) + 1.0)))))
-    if shift < 12 or shift > 30:
-        return None
-    ma, mb = int(round(ra * 2**shift)), int(round(rb * 2**shift))
-    c = (int(zy) << shift) + (1 << (shift - 1)) - xa[2] * ma - xb[2] * mb
-    zq = int(zy)
-    qlo = 0 if not math.isfinite(lo) else max(0, zq + int(np.round(lo / sy)))
-    qhi = 255 if not math.isfinite(hi) else min(255, zq + int(np.round(hi / sy)))
-    return QAdd(xa[0], xb[0], ma, mb, c, shift, qlo, max(qlo, qhi))
-
-
-@dataclasses.dataclass(frozen=True)
 class QSum:
     """``quantize(act(sum_i T_i))`` in integers, where each term ``T_i`` is ``DQ(q_i)`` of a uint8
     tensor or an inference batch norm of one, ``DQ(q_i) g_i + b_i`` per channel (RepVGG's and
@@ -1248,7 +1200,7 @@ class QSum:
     ``y = clamp((sum_i q_i M_i[c] + C[c]) >> shift, lo, hi)``,
     ``M_i = round(r_i 2^shift)``, ``C = round(sum_i b_i / s_y 2^shift) + (z_y << shift) + 2^(shift-1) - sum_i z_i M_i``
 
-    (``g_i = 1``, ``b_i = 0`` for a plain term; two plain terms are :class:`QAdd`'s numbers).  ``shift``
+    (``g_i = 1``, ``b_i = 0`` for a plain term).  ``shift``
     is the largest keeping every partial sum in int32; the rounded multipliers are off by at most
     ``255 * n / 2^(shift+1)`` output steps (``shift >= 12``), so the result is within one step of the
     float ``round``.  ``mults[i]`` and ``c`` are ints (per tensor) or int64 arrays over the channels."""
@@ -1538,28 +1490,6 @@ def integer_qdq_pass(micro: MicroKernel = VNNI) -> Any:
             sh = relax.const((beta - mean * g).astype(np.float32).reshape(1, 1, 1, -1))
             self.bn_out[binding.var] = self.builder_.emit(relax.op.add(relax.op.multiply(self.nhwc[x], sc), sh))
             return False  # the original binding is emitted too
-
-        def _integer_add(self, binding: Any, q: QAdd | None) -> bool:
-            """A residual add of two uint8 tensors in int32 (element-wise ops TVM fuses into one)."""
-            if q is None:
-                return False
-            both = q.a in self.nhwc and q.b in self.nhwc
-            if not both and (q.a in self.nhwc or q.b in self.nhwc):
-                return False
-            a, b = (self.nhwc[q.a], self.nhwc[q.b]) if both else (self._cur(q.a), self._cur(q.b))
-
-            def i32(v: int) -> Any:
-                return relax.const(np.int32(v))
-
-            t = relax.op.add(relax.op.multiply(relax.op.astype(a, "int32"), i32(q.ma)),
-                             relax.op.multiply(relax.op.astype(b, "int32"), i32(q.mb)))
-            t = relax.op.right_shift(relax.op.add(t, i32(q.c)), i32(q.shift))
-            y = relax.op.astype(relax.op.clip(t, q.lo, q.hi), "uint8")
-            if both:
-                self._set_nhwc(binding, y)
-            else:
-                self._emit(binding, y)
-            return True
 
         def _integer_sum(self, binding: Any, q: QSum | None) -> bool:
             """A sum of uint8 tensors (and batch norms of them) in int32: element-wise ops TVM fuses

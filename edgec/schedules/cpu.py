@@ -494,7 +494,7 @@ def unroll_kernel_columns(reduce_len: int, inline_padding: bool) -> bool:
 
 _MATERIALIZE_MAX_COPY = 0.25
 #: reductions with fewer multiply-adds than this run serially (no parallel loop, see below).
-PARALLEL_MIN_MACS = 2_000_000
+PARALLEL_MIN_MACS = 500_000
 
 
 def run_serially(macs: int) -> bool:
@@ -502,11 +502,13 @@ def run_serially(macs: int) -> bool:
 
     Every parallel loop is a call into TVM's thread pool, which costs microseconds even with one
     thread (the pool's launch and barrier) and, with more threads, wakes workers that may be
-    descheduled on a busy board.  A small function (under ~2M multiply-adds, tens of
-    microseconds) gains less from a second core than that.  Measured on mcunet (~50 functions
-    of 5-70 us; same-run A/B, 1 thread): 1.31 -> 1.12 ms with functions under 2M MACs serial
-    (onnxruntime 1.19 ms), 2 threads (loaded host) 1.66 -> 1.18 ms; mobilenet_v2 (few small
-    functions) unchanged at 1 and 2 threads.
+    descheduled on a busy board.  A tiny function gains less from a second core than that.
+    First measured on a loaded host (mcunet, ~50 functions of 5-70 us; same-run A/B): 1 thread
+    1.31 -> 1.12 ms with functions under 2M multiply-adds serial, 2 threads 1.66 -> 1.18 ms.
+    On a quiet host, each runtime in its own process (``bench/compare_isolated.py``), 2M kept
+    mcunet at its 1-thread time with 2 threads (0.80 ms, onnxruntime 0.60); with 500K: 2 threads
+    0.58 ms, 1 thread 0.82 ms (+2%), mobilenet_v2 at 2 threads 3.87 -> 3.69 ms,
+    mobilenetv4_conv_small 2.21 -> 2.09 ms; 50K-250K measured the same as 500K on mcunet.
     """
     return macs < PARALLEL_MIN_MACS
 

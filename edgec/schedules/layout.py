@@ -46,12 +46,37 @@ schedule uses too, so the tile's ``k / B`` and ``k % B`` reduce to its loop vari
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 #: desired layouts handed to ``relax.transform.ConvertLayout``.
 CHANNELS_LAST: dict[str, list[str]] = {
     "relax.nn.conv2d": ["NHWC", "HWIO"],
 }
+
+
+def mutator_pass(name: str, make_rewriter: Callable[[Any], Any], prepare: Callable[[Any, Any], None] | None = None) -> Any:
+    """A module pass that visits every Relax function with one ``relax.PyExprMutator``,
+    ``make_rewriter(mod)`` (made once, on the first Relax function: its block builder collects
+    the TE functions the rewrites add), then dead-code elimination.  ``prepare(rewriter, func)``
+    runs before each function is visited (e.g. to count the function's variable uses)."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        rewriter = None
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter = rewriter or make_rewriter(mod)
+                if prepare is not None:
+                    prepare(rewriter, func)
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        if rewriter is None:
+            return mod
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+    return _pass
 
 
 def canonicalize_clip() -> Any:
@@ -223,19 +248,10 @@ def fuse_input_transpose() -> Any:
                 primfunc_name_hint="conv2d_nchw_nhwc",
             )
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecFuseInputTranspose")
-    def _pass(mod: Any, _ctx: Any) -> Any:
-        rewriter = None
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter = rewriter or _Rewriter(mod, {})
-                rewriter.uses = uses_of(func)
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        if rewriter is None:
-            return mod
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    def _prepare(rewriter: Any, func: Any) -> None:
+        rewriter.uses = uses_of(func)
 
-    return _pass
+    return mutator_pass("EdgecFuseInputTranspose", lambda mod: _Rewriter(mod, {}), _prepare)
 
 
 def pack_hwio(w: Any, block: int) -> Any:
@@ -386,18 +402,7 @@ def pack_weights(target: Any) -> Any:
                 return call
             return self.builder_.call_te(matmul_packed, data, relax.const(pack_matrix(w, b)), primfunc_name_hint="matmul_packed")
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecPackWeights")
-    def _pass(mod: Any, _ctx: Any) -> Any:
-        rewriter = None
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter = rewriter or _Rewriter(mod)
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        if rewriter is None:
-            return mod
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
-
-    return _pass
+    return mutator_pass("EdgecPackWeights", _Rewriter)
 
 
 def channels_last_passes(target: Any | None = None) -> list[Any]:

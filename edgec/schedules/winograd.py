@@ -247,7 +247,7 @@ def winograd_convs(target: Any, config: WinogradConfig | None = None) -> Any:
     from tvm import relax
 
     from edgec.schedules.fold import static_shape
-    from edgec.schedules.layout import _const_f32, pack_matrix
+    from edgec.schedules.layout import _const_f32, mutator_pass, pack_matrix
 
     conv_op = tvm.ir.Op.get("relax.nn.conv2d")
     config = config if config is not None else DEFAULT
@@ -295,18 +295,7 @@ def winograd_convs(target: Any, config: WinogradConfig | None = None) -> Any:
             mm = self.builder_.emit(self.builder_.call_te(batched_gemm, v, relax.const(up), primfunc_name_hint="winograd_gemm"))
             return self.builder_.call_te(output_transform, mm, m=m, out_shape=tuple(out), primfunc_name_hint="winograd_output")
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecWinograd")
-    def _pass(mod: Any, _ctx: Any) -> Any:
-        rewriter = None
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter = rewriter or _Rewriter(mod)
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        if rewriter is None:
-            return mod
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
-
-    return _pass
+    return mutator_pass("EdgecWinograd", _Rewriter)
 
 
 def _block_named(sch: Any, name: str) -> Any | None:

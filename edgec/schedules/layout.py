@@ -319,6 +319,29 @@ def _const_f32(e: Any, ndim: int) -> Any | None:
     return v if v.dtype == np.float32 and v.ndim == ndim else None
 
 
+def float_nhwc_conv(call: Any) -> tuple[Any, Any, list[int], list[int]] | None:
+    """``(data, weights, input shape, output shape)`` of a float32 NHWC/HWIO ``conv2d`` call whose
+    weights are a constant (numpy ``weights``) and whose 4-d shapes are static; else ``None``."""
+    from edgec.schedules.fold import static_shape
+
+    a = call.attrs
+    if (
+        str(a.data_layout) != "NHWC"
+        or str(a.kernel_layout) != "HWIO"
+        or str(a.out_layout) != "NHWC"
+        or (a.out_dtype is not None and str(a.out_dtype) not in ("", "float32", "void"))
+    ):
+        return None
+    data, kernel = call.args
+    w = _const_f32(kernel, 4)
+    shape, out = static_shape(data), static_shape(call)
+    if w is None or shape is None or out is None or len(shape) != 4 or len(out) != 4:
+        return None
+    if str(getattr(getattr(data, "ty", None), "dtype", "")) != "float32":
+        return None
+    return data, w, shape, out
+
+
 def pack_weights(target: Any) -> Any:
     """A module pass: conv2d (NHWC/HWIO) and matmul with constant float32 weights read packed weights.
 
@@ -358,18 +381,10 @@ def pack_weights(target: Any) -> Any:
 
         def _conv(self, call: Any) -> Any:
             a = call.attrs
-            if (
-                str(a.data_layout) != "NHWC"
-                or str(a.kernel_layout) != "HWIO"
-                or str(a.out_layout) != "NHWC"
-                or (a.out_dtype is not None and str(a.out_dtype) not in ("", "float32", "void"))
-            ):
+            conv = float_nhwc_conv(call)
+            if conv is None:
                 return call
-            data, kernel = call.args
-            w = _const_f32(kernel, 4)
-            shape, out = static_shape(data), static_shape(call)
-            if w is None or shape is None or out is None or len(out) != 4 or not f32(data):
-                return call
+            data, w, shape, out = conv
             groups = int(a.groups)
             k = int(w.shape[3])
             if k % groups or shape[3] % groups or int(w.shape[2]) * groups != shape[3]:

@@ -246,8 +246,7 @@ def winograd_convs(target: Any, config: WinogradConfig | None = None) -> Any:
     import tvm
     from tvm import relax
 
-    from edgec.schedules.fold import static_shape
-    from edgec.schedules.layout import _const_f32, mutator_pass, pack_matrix
+    from edgec.schedules.layout import float_nhwc_conv, mutator_pass, pack_matrix
 
     conv_op = tvm.ir.Op.get("relax.nn.conv2d")
     config = config if config is not None else DEFAULT
@@ -259,20 +258,10 @@ def winograd_convs(target: Any, config: WinogradConfig | None = None) -> Any:
             if call.op != conv_op:
                 return call
             a = call.attrs
-            if (
-                str(a.data_layout) != "NHWC"
-                or str(a.kernel_layout) != "HWIO"
-                or str(a.out_layout) != "NHWC"
-                or (a.out_dtype is not None and str(a.out_dtype) not in ("", "float32", "void"))
-            ):
+            conv = float_nhwc_conv(call)
+            if conv is None:
                 return call
-            data, kernel = call.args
-            w = _const_f32(kernel, 4)
-            shape, out = static_shape(data), static_shape(call)
-            if w is None or shape is None or out is None or len(shape) != 4 or len(out) != 4:
-                return call
-            if str(getattr(getattr(data, "ty", None), "dtype", "")) != "float32":
-                return call
+            data, w, _shape, out = conv
             m = winograd_tile(
                 tuple(int(d) for d in w.shape),
                 tuple(int(v) for v in a.strides),
@@ -312,13 +301,36 @@ def _channel_vector(c_ext: int, lanes: int) -> int:
     return 1
 
 
+def _tile_loops(sch: Any, outer: Any, unrolled: tuple[Any, Any], cv: Any, v: int, rows: Any, parallel: bool) -> None:
+    """The two transforms' shared loop schedule: ``outer`` (tiles) parallel when it pays, the
+    tile's two point loops ``unrolled``, the channel vector ``cv`` (``v`` lanes) vectorized, and
+    the row stage ``rows`` computed per first point row into a stack buffer, its own point loops
+    unrolled and its channel loop vectorized."""
+    from edgec.schedules.cpu import ACCUMULATOR_SCOPE, _extent
+
+    if parallel:
+        sch.parallel(outer)
+    for lp in unrolled:
+        sch.unroll(lp)
+    if v > 1:
+        sch.vectorize(cv)
+    sch.set_scope(rows, 0, ACCUMULATOR_SCOPE)
+    sch.compute_at(rows, unrolled[0])
+    r_loops = sch.get_loops(rows)
+    for lp in r_loops[-3:-1]:
+        if _extent(sch, lp) > 1:
+            sch.unroll(lp)
+    if v > 1 and _extent(sch, r_loops[-1]) == v:
+        sch.vectorize(r_loops[-1])
+
+
 def schedule_input(func: Any, target: Any) -> Any | None:
     """The input transform: parallel over tiles, one channel vector at a time, the ``a x a``
     points unrolled; the row stage computed per row ``e`` of points into an ``a``-vector
     buffer on the stack (its selects fold, its patch loads are shared by LLVM)."""
     from tvm import s_tir
 
-    from edgec.schedules.cpu import ACCUMULATOR_SCOPE, _extent, cpu_params, run_serially
+    from edgec.schedules.cpu import _extent, cpu_params, run_serially
 
     sch = s_tir.Schedule(func)
     blk = _block_named(sch, INPUT_BLOCK)
@@ -332,20 +344,7 @@ def schedule_input(func: Any, target: Any) -> Any | None:
     e, nu = sch.split(t, factors=[a, a])
     co, cv = sch.split(c, factors=[None, v])
     sch.reorder(p, co, e, nu, cv)
-    if not run_serially(a * a * _extent(sch, p) * c_ext * a):
-        sch.parallel(p)
-    sch.unroll(e)
-    sch.unroll(nu)
-    if v > 1:
-        sch.vectorize(cv)
-    sch.set_scope(rows, 0, ACCUMULATOR_SCOPE)
-    sch.compute_at(rows, e)
-    r_loops = sch.get_loops(rows)
-    for lp in r_loops[-3:-1]:
-        if _extent(sch, lp) > 1:
-            sch.unroll(lp)
-    if v > 1 and _extent(sch, r_loops[-1]) == v:
-        sch.vectorize(r_loops[-1])
+    _tile_loops(sch, p, (e, nu), cv, v, rows, not run_serially(a * a * _extent(sch, p) * c_ext * a))
     return sch
 
 
@@ -355,7 +354,7 @@ def schedule_output(func: Any, target: Any) -> Any | None:
     into an ``a``-vector buffer on the stack."""
     from tvm import s_tir
 
-    from edgec.schedules.cpu import ACCUMULATOR_SCOPE, _extent, _region_buffer, _schedule_producer, cpu_params, run_serially
+    from edgec.schedules.cpu import _extent, _region_buffer, _schedule_producer, cpu_params, run_serially
 
     sch = s_tir.Schedule(func)
     blk = _block_named(sch, OUTPUT_BLOCK)
@@ -394,20 +393,7 @@ def schedule_output(func: Any, target: Any) -> Any | None:
     sch.reorder(n, yo, xo, co, yi, xi, cv)
     fused = sch.fuse(n, yo, xo)
     elems = math.prod(shape)
-    if not run_serially(elems * (m + 2) ** 2 // m):
-        sch.parallel(fused)
-    sch.unroll(yi)
-    sch.unroll(xi)
-    if v > 1:
-        sch.vectorize(cv)
-    sch.set_scope(rows, 0, ACCUMULATOR_SCOPE)
-    sch.compute_at(rows, yi)
-    r_loops = sch.get_loops(rows)
-    for lp in r_loops[-3:-1]:
-        if _extent(sch, lp) > 1:
-            sch.unroll(lp)
-    if v > 1 and _extent(sch, r_loops[-1]) == v:
-        sch.vectorize(r_loops[-1])
+    _tile_loops(sch, fused, (yi, xi), cv, v, rows, not run_serially(elems * (m + 2) ** 2 // m))
     for b in rest:
         _schedule_producer(sch, b, lanes, not run_serially(elems * 8))
     return sch

@@ -44,70 +44,55 @@ os.makedirs(CACHE, exist_ok=True)
 
 @contextlib.contextmanager
 def variant(name):
-    saved = {}
+    import edgec.schedules.branches as br
+    import edgec.schedules.winograd as wg
+
+    saved = []  # (module, attribute, original value), restored in reverse order
+
+    def patch(mod, attr, value):
+        saved.append((mod, attr, getattr(mod, attr)))
+        setattr(mod, attr, value)
+
+    def nop_pass(*_a, **_k):
+        return tvm.transform.module_pass(lambda m, c: m, opt_level=0, name="nop")
+
+    def old_accumulators():
+        patch(cpu, "ACCUMULATOR_SCOPE", "local")
+        patch(cpu, "stack_tile_vectors", lambda *a, **k: 10**6)
+
     if name == "nomerge":
-        import edgec.schedules.branches as br
-        saved["merge"] = br.merge_conv_branches
-        br.merge_conv_branches = lambda: tvm.transform.module_pass(lambda m, c: m, opt_level=0, name="nop")
+        patch(br, "merge_conv_branches", nop_pass)
     if name == "base":
-        import edgec.schedules.branches as br
-        saved["merge"] = br.merge_conv_branches
-        br.merge_conv_branches = lambda: tvm.transform.module_pass(lambda m, c: m, opt_level=0, name="nop")
-        saved["acc"] = (cpu.ACCUMULATOR_SCOPE, cpu.stack_tile_vectors)
-        cpu.ACCUMULATOR_SCOPE = "local"
-        cpu.stack_tile_vectors = lambda *a, **k: 10**6
+        patch(br, "merge_conv_branches", nop_pass)
+        old_accumulators()
     if name == "cap64":
-        saved["cap"] = cpu._STACK_TILE_MAX_REDUCTION
-        cpu._STACK_TILE_MAX_REDUCTION = 64
+        patch(cpu, "_STACK_TILE_MAX_REDUCTION", 64)
     if name == "oldacc":
-        saved["acc"] = (cpu.ACCUMULATOR_SCOPE, cpu.stack_tile_vectors)
-        cpu.ACCUMULATOR_SCOPE = "local"
-        cpu.stack_tile_vectors = lambda *a, **k: 10**6
+        old_accumulators()
     if name == "nopack":
-        saved["pack"] = layout.pack_weights
-        layout.pack_weights = lambda target: tvm.transform.module_pass(lambda m, c: m, opt_level=0, name="nop")
+        patch(layout, "pack_weights", nop_pass)
     if name == "nounroll":
-        saved["unroll"] = cpu.unroll_kernel_columns
-        cpu.unroll_kernel_columns = lambda *a: False
+        patch(cpu, "unroll_kernel_columns", lambda *a: False)
     if name == "nonarrow":
-        saved["narrow"] = cpu.narrow_tile
-        cpu.narrow_tile = lambda *a: None
+        patch(cpu, "narrow_tile", lambda *a: None)
     if name == "inlinedw":
-        saved["mat"] = cpu._materialize_producers
-        cpu._materialize_producers = lambda r, i, o, f=saved["mat"]: False if r <= 49 else f(r, i, o)
+        f = cpu._materialize_producers
+        patch(cpu, "_materialize_producers", lambda r, i, o: False if r <= 49 else f(r, i, o))
     if name in ("nowino", "f2", "nocap", "f2small", "minc8"):
-        import edgec.schedules.winograd as wg
-        saved["wino"] = wg.DEFAULT
-        wg.DEFAULT = {
+        patch(wg, "DEFAULT", {
             "nowino": wg.WinogradConfig(min_channels=10**9),
             "f2": dataclasses.replace(wg.DEFAULT, tile=2),
             "nocap": dataclasses.replace(wg.DEFAULT, max_weight_bytes=10**12),
             "f2small": dataclasses.replace(wg.DEFAULT, min_tiles=32),
             "minc8": dataclasses.replace(wg.DEFAULT, min_channels=8),
-        }[name]
+        }[name])
     for k, v in [kv.split("=") for kv in os.environ.get("ENV_" + name.upper(), "").split(",") if kv]:
         os.environ[k] = v
     try:
         yield
     finally:
-        if "unroll" in saved:
-            cpu.unroll_kernel_columns = saved["unroll"]
-        if "narrow" in saved:
-            cpu.narrow_tile = saved["narrow"]
-        if "mat" in saved:
-            cpu._materialize_producers = saved["mat"]
-        if "cap" in saved:
-            cpu._STACK_TILE_MAX_REDUCTION = saved["cap"]
-        if "acc" in saved:
-            cpu.ACCUMULATOR_SCOPE, cpu.stack_tile_vectors = saved["acc"]
-        if "merge" in saved:
-            import edgec.schedules.branches as br
-            br.merge_conv_branches = saved["merge"]
-        if "pack" in saved:
-            layout.pack_weights = saved["pack"]
-        if "wino" in saved:
-            import edgec.schedules.winograd as wg
-            wg.DEFAULT = saved["wino"]
+        for mod, attr, value in reversed(saved):
+            setattr(mod, attr, value)
 
 def build(proto, name):
     target = get_target("host").tvm_target()

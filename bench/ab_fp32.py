@@ -10,6 +10,8 @@ library has no switches):
   base      nomerge + oldacc (the library of the fourth session)
   cap64     stack cap for reductions under 64 taps instead of 256
   nopack    no weight pre-packing (edgec.schedules.layout.pack_weights)
+  chanouter channel tiles outermost for weight-blocked reductions (no row bands, cpu.pixel_blocks)
+  par100k   parallel loops from 100K multiply-adds instead of cpu.PARALLEL_MIN_MACS
   nounroll  no kernel-column unroll for stride-2 depthwise
   nonarrow  no long rows for narrow 1x1 convs
   inlinedw  depthwise padding inlined instead of a padded copy
@@ -28,24 +30,19 @@ Exported models are cached in ~/.cache/edgec/ab.  Used for the before/after tabl
 bench/RESULTS.md, "Schedule library vs onnxruntime (issue 7, fp32, host CPU)".
 """
 import os, sys, time, statistics
-os.environ["TVM_NUM_THREADS"] = os.environ.get("T", "1")
-import numpy as np, onnxruntime as ort, tvm
-from tvm import relax
-from tvm.relax.frontend.onnx import from_onnx
-from edgec.export import export_zoo_model, quiet
-from edgec import schedules
-from edgec.schedules import layout, cpu
-from edgec.targets import get_target
 import contextlib
 import dataclasses
 
 CACHE = os.path.expanduser("~/.cache/edgec/ab")
-os.makedirs(CACHE, exist_ok=True)
 
 @contextlib.contextmanager
 def variant(name):
+    """Monkeypatch the schedule library into variant ``name`` for the ``with`` block (also used
+    by ``compare_isolated.py --variants``)."""
+    import tvm
     import edgec.schedules.branches as br
     import edgec.schedules.winograd as wg
+    from edgec.schedules import layout, cpu
 
     saved = []  # (module, attribute, original value), restored in reverse order
 
@@ -71,6 +68,10 @@ def variant(name):
         old_accumulators()
     if name == "nopack":
         patch(layout, "pack_weights", nop_pass)
+    if name == "chanouter":
+        patch(cpu, "pixel_blocks", lambda ob, n, c: 1 if cpu._channel_tiles_outside(ob, n, c) else n)
+    if name == "par100k":
+        patch(cpu, "PARALLEL_MIN_MACS", 100_000)
     if name == "nounroll":
         patch(cpu, "unroll_kernel_columns", lambda *a: False)
     if name == "nonarrow":
@@ -95,44 +96,60 @@ def variant(name):
             setattr(mod, attr, value)
 
 def build(proto, name):
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+    from edgec import schedules
+    from edgec.targets import get_target
+
     target = get_target("host").tvm_target()
     with variant(name):
         ex = schedules.compile_module(from_onnx(proto, keep_params_in_input=False), target)
     return relax.VirtualMachine(ex, tvm.cpu())
 
-variants = sys.argv[2].split(",") if len(sys.argv) > 2 else ["nopack", "new"]
-rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 10
-for name in sys.argv[1].split(","):
-    import onnx
-    cache = os.path.join(CACHE, f"{name}.onnx")
-    if os.path.exists(cache):
-        proto = onnx.load(cache)
-    else:
-        with quiet():
-            proto = export_zoo_model(name)
-        onnx.save(proto, cache)
-    inp = proto.graph.input[0]
-    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    so = ort.SessionOptions(); so.intra_op_num_threads = int(os.environ["TVM_NUM_THREADS"]); so.inter_op_num_threads = 1
-    if os.environ.get("NOSPIN"):
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    ref = sess.run(None, {inp.name: x})[0]
-    xt = tvm.runtime.tensor(x)
-    runs = {"ort": lambda: sess.run(None, {inp.name: x})}
-    errs = {}
-    for v in variants:
-        vm = build(proto, v)
-        out = vm["main"](xt)
-        errs[v] = float(np.abs(out.numpy() - ref).max())
-        runs[v] = (lambda vm=vm: vm["main"](xt))
-    times = {k: [] for k in runs}
-    for f in runs.values(): f()
-    for _ in range(rounds):
-        for k, f in runs.items():
-            for _ in range(5):
-                t = time.perf_counter(); f(); times[k].append((time.perf_counter() - t) * 1e3)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    la = os.getloadavg()[0]
-    print(f"{name:24s} load {la:.1f} ort {med['ort']:.2f} ms | " + " | ".join(f"{v} {med[v]:.2f} ({med[v]/med['ort']:.2f}x, err {errs[v]:.1e})" for v in variants), flush=True)
+def main():
+    os.environ["TVM_NUM_THREADS"] = os.environ.get("T", "1")
+    import numpy as np, onnxruntime as ort, tvm
+    from edgec.export import export_zoo_model, quiet
+
+    os.makedirs(CACHE, exist_ok=True)
+    variants = sys.argv[2].split(",") if len(sys.argv) > 2 else ["nopack", "new"]
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 10
+    for name in sys.argv[1].split(","):
+        import onnx
+        cache = os.path.join(CACHE, f"{name}.onnx")
+        if os.path.exists(cache):
+            proto = onnx.load(cache)
+        else:
+            with quiet():
+                proto = export_zoo_model(name)
+            onnx.save(proto, cache)
+        inp = proto.graph.input[0]
+        shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        so = ort.SessionOptions(); so.intra_op_num_threads = int(os.environ["TVM_NUM_THREADS"]); so.inter_op_num_threads = 1
+        if os.environ.get("NOSPIN"):
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        ref = sess.run(None, {inp.name: x})[0]
+        xt = tvm.runtime.tensor(x)
+        runs = {"ort": lambda: sess.run(None, {inp.name: x})}
+        errs = {}
+        for v in variants:
+            vm = build(proto, v)
+            out = vm["main"](xt)
+            errs[v] = float(np.abs(out.numpy() - ref).max())
+            runs[v] = (lambda vm=vm: vm["main"](xt))
+        times = {k: [] for k in runs}
+        for f in runs.values(): f()
+        for _ in range(rounds):
+            for k, f in runs.items():
+                for _ in range(5):
+                    t = time.perf_counter(); f(); times[k].append((time.perf_counter() - t) * 1e3)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        la = os.getloadavg()[0]
+        print(f"{name:24s} load {la:.1f} ort {med['ort']:.2f} ms | " + " | ".join(f"{v} {med[v]:.2f} ({med[v]/med['ort']:.2f}x, err {errs[v]:.1e})" for v in variants), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,11 +9,17 @@ runs.  Here every measurement is a fresh process that loads one runtime only (th
 compiled once beforehand and exported as a shared library, the ONNX file for onnxruntime), warms
 up, and times ``--per-round`` runs; the processes alternate (ort, edgec, ort, edgec, ...) for
 ``--rounds`` rounds so background load hits both alike.  Reported: the median over all samples,
-and the best round median (less sensitive to a round that met a load spike).
+the best round median (less sensitive to a round that met a load spike), and the median of the
+per-round ratios (each round's two processes run back to back, so a change in the host's state
+between rounds, such as this VM's vCPUs moving apart, hits both sides of a round ratio alike).
 
     python bench/compare_isolated.py --models resnet18,mobilenet_v2 --threads 2
     python bench/compare_isolated.py --models mcunet --precision int8 --threads 2 --rounds 6
     python bench/compare_isolated.py --threads 2 --json        # every zoo model, fp32
+    python bench/compare_isolated.py --models mcunet --variants new,chanouter   # library A/B
+
+``--variants``: the edgec module compiled once per variant of ``bench/ab_fp32.py`` (``new`` is the
+library as it is), each timed in its own processes in the same alternation.
 
 Same models, inputs and thread settings as ``compare_ort.py`` (``TVM_NUM_THREADS`` and
 onnxruntime's ``intra_op_num_threads`` both ``--threads``; onnxruntime's default spinning).
@@ -93,50 +99,74 @@ def _spawn(kind: str, onnx_path: str, lib_path: str, threads: int, warmup: int, 
     return ms, np.load(out + ".npy")
 
 
-def compare(proto, name: str, precision: str, threads: int, rounds: int, per_round: int, warmup: int) -> dict:
-    import numpy as np
-    import onnx
+def _build(proto, variant: str, lib_path: str) -> float:
+    """Compile ``proto`` with the library (``variant`` of ``ab_fp32.py``) to ``lib_path``; seconds."""
+    import contextlib
+
     from tvm.relax.frontend.onnx import from_onnx
 
     from edgec import schedules
     from edgec.targets import get_target
 
+    context = contextlib.nullcontext()
+    if variant != "new":
+        from ab_fp32 import variant as library_variant  # this script's sibling
+
+        context = library_variant(variant)
+    t0 = time.perf_counter()
+    with context:
+        ex = schedules.compile_module(from_onnx(proto, keep_params_in_input=False), get_target("host").tvm_target())
+    ex.export_library(lib_path)
+    return time.perf_counter() - t0
+
+
+def compare(
+    proto, name: str, precision: str, threads: int, rounds: int, per_round: int, warmup: int, variants: tuple[str, ...] = ("new",)
+) -> list[dict]:
+    """One row per variant (``new``: the library as it is), each against the same onnxruntime runs."""
+    import numpy as np
+    import onnx
+
     with tempfile.TemporaryDirectory(prefix="edgec-iso-") as tmp:
         onnx_path = os.path.join(tmp, "model.onnx")
         onnx.save(proto, onnx_path)
-        target = get_target("host").tvm_target()
-        t0 = time.perf_counter()
-        ex = schedules.compile_module(from_onnx(proto, keep_params_in_input=False), target)
-        lib_path = os.path.join(tmp, "model.so")
-        ex.export_library(lib_path)
-        compile_s = time.perf_counter() - t0
-        samples: dict[str, list[float]] = {"ort": [], "edgec": []}
-        round_medians: dict[str, list[float]] = {"ort": [], "edgec": []}
+        libs = {v: os.path.join(tmp, f"model-{v}.so") for v in variants}
+        compile_s = {v: _build(proto, v, lib) for v, lib in libs.items()}
+        kinds = ["ort", *variants]
+        samples: dict[str, list[float]] = {k: [] for k in kinds}
+        round_medians: dict[str, list[float]] = {k: [] for k in kinds}
         outputs = {}
         for _ in range(rounds):
-            for kind in ("ort", "edgec"):
-                ms, y = _spawn(kind, onnx_path, lib_path, threads, warmup, per_round, tmp)
+            for kind in kinds:
+                ms, y = _spawn("ort" if kind == "ort" else "edgec", onnx_path, libs.get(kind, ""), threads, warmup, per_round, tmp)
                 samples[kind] += ms
                 round_medians[kind].append(statistics.median(ms))
                 outputs[kind] = y
     med = {k: statistics.median(v) for k, v in samples.items()}
     best = {k: min(v) for k, v in round_medians.items()}
     ref = outputs["ort"]
-    return {
-        "model": name,
-        "precision": precision,
-        "threads": threads,
-        "ort_ms": med["ort"],
-        "edgec_ms": med["edgec"],
-        "ratio": med["edgec"] / med["ort"],
-        "ort_best_round_ms": best["ort"],
-        "edgec_best_round_ms": best["edgec"],
-        "best_round_ratio": best["edgec"] / best["ort"],
-        "max_abs_err": float(np.abs(outputs["edgec"].astype(np.float64) - ref).max()),
-        "ref_range": float(np.abs(ref).max()),
-        "compile_s": compile_s,
-        "samples": samples,
-    }
+    return [
+        {
+            "model": name,
+            "precision": precision,
+            "threads": threads,
+            "variant": v,
+            "ort_ms": med["ort"],
+            "edgec_ms": med[v],
+            "ratio": med[v] / med["ort"],
+            "ort_best_round_ms": best["ort"],
+            "edgec_best_round_ms": best[v],
+            "best_round_ratio": best[v] / best["ort"],
+            # each round's processes run back to back, in the same state of the host (this VM's
+            # two vCPUs sometimes sit far apart and every 2-thread run slows down): round ratios
+            "round_ratio": statistics.median(e / o for e, o in zip(round_medians[v], round_medians["ort"])),
+            "max_abs_err": float(np.abs(outputs[v].astype(np.float64) - ref).max()),
+            "ref_range": float(np.abs(ref).max()),
+            "compile_s": compile_s[v],
+            "samples": {"ort": samples["ort"], "edgec": samples[v]},
+        }
+        for v in variants
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-round", type=int, default=20, help="timed runs per process")
     ap.add_argument("--warmup", type=int, default=5, help="untimed runs per process")
     ap.add_argument("--calib-samples", type=int, default=16, help="int8: calibration photos")
+    ap.add_argument("--variants", default="new", help="comma-separated library variants of bench/ab_fp32.py (new: as it is)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    variants = tuple(v for v in args.variants.split(",") if v) or ("new",)
     precisions = [p for p in args.precision.split(",") if p]
     if any(p not in ("fp32", "int8") for p in precisions):
         ap.error(f"--precision: fp32 and/or int8, not {args.precision!r}")
@@ -171,13 +203,16 @@ def main(argv: list[str] | None = None) -> int:
         for p in precisions:
             with quiet():
                 proto = zoo_model(n, p, args.calib_samples)
-            row = compare(proto, n, p, args.threads, args.rounds, args.per_round, args.warmup)
-            rows.append(row)
-            if not args.json:
+            for row in compare(proto, n, p, args.threads, args.rounds, args.per_round, args.warmup, variants):
+                rows.append(row)
+                if args.json:
+                    continue
+                label = "" if variants == ("new",) else f" [{row['variant']}]"
                 print(
-                    f"{n:24s} {p}  threads {args.threads}  ort {row['ort_ms']:8.2f} ms  edgec {row['edgec_ms']:8.2f} ms"
+                    f"{n:24s} {p}{label}  threads {args.threads}  ort {row['ort_ms']:8.2f} ms  edgec {row['edgec_ms']:8.2f} ms"
                     f"  edgec/ort {row['ratio']:5.2f}  (best rounds {row['ort_best_round_ms']:.2f} / "
-                    f"{row['edgec_best_round_ms']:.2f}: {row['best_round_ratio']:.2f})  max|err| {row['max_abs_err']:.2e}"
+                    f"{row['edgec_best_round_ms']:.2f}: {row['best_round_ratio']:.2f}; median round ratio {row['round_ratio']:.2f})"
+                    f"  max|err| {row['max_abs_err']:.2e}"
                     f" (range {row['ref_range']:.2f})",
                     flush=True,
                 )

@@ -132,8 +132,12 @@ CONV_CASES = {
     "depthwise5x5_odd_channels": (20, 20, 5, 1, 20, 11, {}),
     "grouped": (32, 32, 3, 1, 4, 8, {}),
     "odd_channels": (5, 7, 3, 1, 1, 6, {}),
-    # channel tiles outside the pixel tiles (weights larger than the activations)
+    # weights larger than the activations (cpu.pixel_blocks): 7 rows and small weights: pixel
+    # tiles outside; 8 rows: 4 row bands, channel tiles inside each; 7 rows and 1.3 MB of
+    # weights: channel tiles outside
     "pointwise_weights_outer": (64, 320, 1, 1, 1, 7, {}),
+    "pointwise_weights_row_bands": (64, 512, 1, 1, 1, 8, {"clip": False}),
+    "pointwise_weights_outer_large": (512, 640, 1, 1, 1, 7, {"bn": False}),
     # materialized padding (long reduction) with channels not a multiple of the vector width
     "dense3x3_odd_wide": (40, 52, 3, 1, 1, 9, {"residual": False}),
     "dense5x5_stride2_no_bn": (24, 40, 5, 2, 1, 11, {"bn": False}),
@@ -171,6 +175,50 @@ def test_parallel_schedules_match_onnxruntime(case, parallel_always):
     model = conv_block(cin, cout, k, stride, groups, hw, **extra)
     y, ref = _run_both(model, (1, cin, hw, hw), 3)
     assert float(np.abs(y - ref).max()) <= 1e-5 + RTOL * max(float(np.abs(ref).max()), 1e-6), case
+
+
+def test_pixel_blocks_keep_row_bands_per_thread():
+    """Weight-blocked reductions split their parallel loop into row bands (4, else 2) with the
+    channel tiles inside each band; where the rows do not divide, pixel tiles outermost unless
+    the weights exceed about one L2 cache; reductions whose weights are small keep pixel tiles
+    outermost."""
+    from edgec.schedules.cpu import PIXEL_OUTSIDE_MAX_WEIGHT, pixel_blocks
+
+    data, weight = 16 * 1024, 128 * 1024  # 1x1 conv 64 -> 512 at 8x8
+    assert pixel_blocks((data, weight), 8, 8) == 4
+    assert pixel_blocks((data, weight), 6, 8) == 2
+    assert pixel_blocks((data, weight), 7, 8) == 7
+    big = PIXEL_OUTSIDE_MAX_WEIGHT + 4
+    assert pixel_blocks((data, big), 7, 8) == 1
+    assert pixel_blocks((data, big), 4, 8) == 4  # 4 tiles, 4 blocks: pixel tiles outermost
+    # activations larger than the weights: pixel tiles outermost, whatever the counts
+    assert pixel_blocks((10 * weight, weight), 8, 8) == 8
+    assert pixel_blocks(None, 8, 8) == 8
+
+
+@pytest.mark.parametrize(
+    "shape,order",
+    [
+        ((64, 512, 8), "bands"),  # 8 rows: 4 bands, channel tiles inside each
+        ((64, 320, 7), "pixels"),  # 7 rows, 80 KB of weights: pixel tiles outermost
+        ((512, 640, 7), "channels"),  # 7 rows, 1.3 MB of weights: channel tiles outermost
+    ],
+)
+def test_parallel_loop_order_of_weight_blocked_convs(shape, order, parallel_always):
+    """The fused parallel loop's name lists the loops it fused, outermost first (legalized conv
+    loops: ``bn, y, x`` pixels, ``f`` output channels; ``x_0`` / ``f_0`` their tile loops)."""
+    cin, cout, hw = shape
+    model = conv_block(cin, cout, 1, 1, 1, hw, clip=False)
+    convs = [s for n, s in _scheduled_funcs(model).items() if "conv2d" in n]
+    assert len(convs) == 1
+    loops = [line.split()[1] for line in convs[0].splitlines() if "T.parallel" in line]
+    assert len(loops) == 1
+    expected = {
+        "bands": "bn_y_x_0_fused_0_f_0_bn_y_x_0_fused_1_fused",
+        "pixels": "bn_y_x_0_f_0_fused",
+        "channels": "f_0_bn_y_x_0_fused",
+    }[order]
+    assert loops[0] == expected, (order, loops[0])
 
 
 def test_small_reductions_run_serially():

@@ -583,7 +583,7 @@ def test_kernel_allocates_no_workspace_per_tile(conv):
 def test_pack_weight_layout():
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (21, 6, 3, 3)).astype(np.int8)
-    tile = int8.Tile(tw=4, tc=2, out_width=8, k_blocks=2, channels_outside=False)
+    tile = int8.Tile(tw=4, tc=2, out_width=8, k_blocks=2, pixel_blocks=2)
     p = int8.pack_weight(w, tile)
     assert p.shape == (2, 3, 3, 2, 16, 4) and p.dtype == np.int8
     for o, c, i, j in [(0, 0, 0, 0), (20, 5, 2, 1), (17, 3, 1, 2)]:

@@ -132,6 +132,7 @@ import dataclasses
 import math
 from typing import Any
 
+from edgec.schedules import cpu as cpu_rules
 from edgec.schedules.cpu import STACK_ALLOCA_BYTES
 from edgec.schedules.fold import static_shape
 
@@ -504,7 +505,9 @@ class Tile:
     tc: int
     out_width: int  # output row padded to a multiple of tw
     k_blocks: int  # channel blocks padded to a multiple of tc
-    channels_outside: bool  # channel tiles are the outer parallel loop (large weights)
+    # parallel loop order (edgec.schedules.cpu.pixel_blocks): 1 channel tiles outermost, between 1 and
+    # the pixel tiles that many row bands outermost, 0 or the pixel tiles: pixel tiles outermost
+    pixel_blocks: int
     micro: MicroKernel = VNNI
 
 
@@ -543,7 +546,7 @@ def choose_tile(conv: QConv, micro: MicroKernel = VNNI) -> Tile:
     ``block`` groups); with flattened rows (:func:`row_flat`) all ``tw`` inputs count as live."""
     _, ow = conv.out_hw
     ko = conv.k_blocks(micro)
-    direct = not needs_pad(conv, Tile(1, 1, ow, ko, False, micro))
+    direct = not needs_pad(conv, Tile(1, 1, ow, ko, 0, micro))
     blk = conv_block(conv, micro)
     # flattened rows (a short unrolled reduction): LLVM keeps all tw input broadcasts live
     flat = row_flat(conv, micro)
@@ -562,7 +565,7 @@ def choose_tile(conv: QConv, micro: MicroKernel = VNNI) -> Tile:
             if direct and owp != ow:
                 score *= PAD_PENALTY
             if best is None or score > best[0] + 1e-9:
-                best = (score, Tile(tw, tc, owp, kop, False, micro))
+                best = (score, Tile(tw, tc, owp, kop, 0, micro))
     assert best is not None
     tile = best[1]
     oh, _ = conv.out_hw
@@ -571,8 +574,7 @@ def choose_tile(conv: QConv, micro: MicroKernel = VNNI) -> Tile:
     data_bytes = conv.height * conv.width * cg
     n_pixel_tiles = oh * (tile.out_width // tile.tw)
     n_channel_tiles = tile.k_blocks // tile.tc
-    outside = n_channel_tiles > 1 and n_channel_tiles * data_bytes + weight_bytes < n_pixel_tiles * weight_bytes + data_bytes
-    return dataclasses.replace(tile, channels_outside=outside)
+    return dataclasses.replace(tile, pixel_blocks=cpu_rules.pixel_blocks((data_bytes, weight_bytes), n_pixel_tiles, n_channel_tiles))
 
 
 def pack_weight(w_q: Any, tile: Tile) -> Any:
@@ -661,7 +663,7 @@ def choose_dw_tile(conv: QConv, micro: MicroKernel) -> Tile:
         owp = -(-ow // tw) * tw
         score = tw / (tw + 1) * (ow / owp)
         if best is None or score > best[0] + 1e-9:
-            best = (score, Tile(tw, 1, owp, conv.k_blocks(dw), False, dw))
+            best = (score, Tile(tw, 1, owp, conv.k_blocks(dw), 0, dw))
     assert best is not None
     return best[1]
 
@@ -847,7 +849,15 @@ def conv_primfunc(conv: QConv, tile: Tile) -> Any:
         inner = [r_c, j_i, k_m, k_i, r_g, r_i]
     else:
         inner = [r_c, j_i, k_m, k_i, r_i] if intrin is not None else [r_c, r_i, j_i, k_m, k_i]
-    if tile.channels_outside:
+    n_pixel_tiles = oh * (tile.out_width // tile.tw)
+    banded = 1 < tile.pixel_blocks < n_pixel_tiles
+    if banded and oh % tile.pixel_blocks == 0:
+        # bands of whole rows (a split of the fused pixel loop would index columns by a modulo,
+        # which tensorize does not match)
+        i_o, i_i = sch.split(i, [tile.pixel_blocks, None])
+        sch.reorder(i_o, k_o, n, i_i, j_o, r_h, r_w, *inner)
+        fused = sch.fuse(i_o, k_o, n, i_i, j_o)
+    elif tile.pixel_blocks == 1 or banded:
         sch.reorder(k_o, n, i, j_o, r_h, r_w, *inner)
         fused = sch.fuse(k_o, n, i, j_o)
     else:

@@ -591,10 +591,10 @@ def test_pack_weight_layout():
     assert not p[1, :, :, :, 5:].any()  # output channels 21..31 are zero
     assert not p[:, :, :, 1, :, 2:].any()  # input channels 6, 7 are zero
     # sdot: 4 lanes x 4 taps; the plain kernel: int16, 4 lanes x 1 tap
-    p = int8.pack_weight(w, int8.Tile(4, 2, 8, 6, False, int8.SDOT))
+    p = int8.pack_weight(w, int8.Tile(4, 2, 8, 6, 0, int8.SDOT))
     assert p.shape == (6, 3, 3, 2, 4, 4) and p[20 // 4, 2, 1, 5 // 4, 20 % 4, 5 % 4] == w[20, 5, 2, 1] and not p[5, :, :, :, 1:].any()
     g = int8.generic_kernel(128, 32)
-    p = int8.pack_weight(w, int8.Tile(4, 2, 8, 6, False, g))
+    p = int8.pack_weight(w, int8.Tile(4, 2, 8, 6, 0, g))
     assert p.shape == (6, 3, 3, 6, 4, 1) and p.dtype == np.int16 and p[20 // 4, 2, 1, 5, 0, 0] == w[20, 5, 2, 1]
 
 

@@ -524,7 +524,7 @@ def pixel_blocks(operand_bytes: tuple[int, int] | None, n_pixel_tiles: int, n_ch
         return n_pixel_tiles
     for blocks in _PIXEL_BLOCKS:
         if n_pixel_tiles % blocks == 0:
-            return min(blocks, n_pixel_tiles)
+            return blocks
     weight = operand_bytes[1] if operand_bytes is not None else 0
     return n_pixel_tiles if weight <= PIXEL_OUTSIDE_MAX_WEIGHT else 1
 

@@ -510,6 +510,10 @@ class Tile:
     pixel_blocks: int
     micro: MicroKernel = VNNI
 
+    def pixel_tiles(self, out_height: int) -> int:
+        """Register tiles along the output's rows and columns."""
+        return out_height * (self.out_width // self.tw)
+
 
 #: TVM keeps a function-local buffer on the stack (where LLVM promotes it to registers) only when
 #: its scope is "global" and it is smaller than this (``runtime::kMaxStackAlloca``); anything else
@@ -572,9 +576,13 @@ def choose_tile(conv: QConv, micro: MicroKernel = VNNI) -> Tile:
     cg = conv.c_groups(micro) * micro.group
     weight_bytes = ko * micro.lanes * conv.kernel[0] * conv.kernel[1] * cg
     data_bytes = conv.height * conv.width * cg
-    n_pixel_tiles = oh * (tile.out_width // tile.tw)
-    n_channel_tiles = tile.k_blocks // tile.tc
-    return dataclasses.replace(tile, pixel_blocks=cpu_rules.pixel_blocks((data_bytes, weight_bytes), n_pixel_tiles, n_channel_tiles))
+    n_pixel_tiles = tile.pixel_tiles(oh)
+    blocks = cpu_rules.pixel_blocks((data_bytes, weight_bytes), n_pixel_tiles, tile.k_blocks // tile.tc)
+    if 1 < blocks < n_pixel_tiles and oh % blocks:
+        # the kernel bands whole rows (a split of the fused pixel loop would index columns by a
+        # modulo, which tensorize does not match): channel tiles outermost where rows do not divide
+        blocks = 1
+    return dataclasses.replace(tile, pixel_blocks=blocks)
 
 
 def pack_weight(w_q: Any, tile: Tile) -> Any:
@@ -849,15 +857,11 @@ def conv_primfunc(conv: QConv, tile: Tile) -> Any:
         inner = [r_c, j_i, k_m, k_i, r_g, r_i]
     else:
         inner = [r_c, j_i, k_m, k_i, r_i] if intrin is not None else [r_c, r_i, j_i, k_m, k_i]
-    n_pixel_tiles = oh * (tile.out_width // tile.tw)
-    banded = 1 < tile.pixel_blocks < n_pixel_tiles
-    if banded and oh % tile.pixel_blocks == 0:
-        # bands of whole rows (a split of the fused pixel loop would index columns by a modulo,
-        # which tensorize does not match)
+    if 1 < tile.pixel_blocks < tile.pixel_tiles(oh):  # bands of whole rows (choose_tile)
         i_o, i_i = sch.split(i, [tile.pixel_blocks, None])
         sch.reorder(i_o, k_o, n, i_i, j_o, r_h, r_w, *inner)
         fused = sch.fuse(i_o, k_o, n, i_i, j_o)
-    elif tile.pixel_blocks == 1 or banded:
+    elif tile.pixel_blocks == 1:
         sch.reorder(k_o, n, i, j_o, r_h, r_w, *inner)
         fused = sch.fuse(k_o, n, i, j_o)
     else:
